@@ -1,0 +1,182 @@
+"""URIs -> file systems. The only place in the project that looks at URI schemes.
+
+Local paths, ``file://``, ``s3://`` (s3fs) and ``gs://`` (gcsfs, when installed) resolve to an
+fsspec file system plus a path inside it. S3-compatible endpoints (MinIO, moto) and credentials
+come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), which
+s3fs/botocore read themselves, so nothing here ever holds or prints a secret.
+
+`arrow_filesystem` gives the same location as a ``pyarrow.fs.FileSystem`` for Ray Data and
+pyarrow readers (``pyarrow.fs.S3FileSystem`` ignores ``AWS_ENDPOINT_URL``, so S3 goes through
+s3fs wrapped for pyarrow rather than pyarrow's own client).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Iterable
+
+import fsspec
+import pyarrow.fs as pafs
+
+from pipelines.errors import UserError
+
+_REMOTE_PROTOCOLS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+_FIXES = {
+    "s3": "check the bucket and prefix, AWS_ENDPOINT_URL for MinIO/moto, and the AWS_* credentials",
+    "gcs": "check the bucket and prefix and GOOGLE_APPLICATION_CREDENTIALS",
+    "file": "check the path",
+}
+
+
+class StorageError(UserError):
+    """A URI that cannot be read or written: missing bucket/prefix/file or bad credentials."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: an fsspec file system and the path inside it."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+    protocol: str  # "file", "s3" or "gcs"
+
+    def uri(self, path: str | None = None) -> str:
+        """The URI of `path` (default: this location) in the scheme the user wrote."""
+        path = self.path if path is None else path
+        return path if self.protocol == "file" else f"{'gs' if self.protocol == 'gcs' else 's3'}://{path}"
+
+    def join(self, *parts: str) -> "Location":
+        return Location(self.fs, "/".join([self.path.rstrip("/"), *parts]), self.protocol)
+
+
+def resolve(uri: str | os.PathLike) -> Location:
+    """Resolve a local path or URI to a `Location`."""
+    uri = os.fspath(uri)
+    if not uri:
+        raise StorageError("empty URI: give a local path or an s3:// / gs:// URI")
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return Location(fsspec.filesystem("file"), os.path.abspath(uri), "file")
+    scheme = scheme.lower()
+    if scheme == "file":
+        return Location(fsspec.filesystem("file"), os.path.abspath(rest), "file")
+    protocol = _REMOTE_PROTOCOLS.get(scheme)
+    if protocol is None:
+        raise StorageError(f"{uri}: unsupported scheme '{scheme}://'; use a local path, s3:// or gs://")
+    try:
+        fs = fsspec.filesystem(protocol)
+    except ImportError as exc:
+        raise StorageError(f"{uri}: {scheme}:// needs an extra package ({exc.name or exc}); pip install it") from None
+    return Location(fs, rest.rstrip("/") if rest.strip("/") else rest, protocol)
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The location as (pyarrow file system, path) for pyarrow and Ray Data."""
+    loc = resolve(uri)
+    if loc.protocol == "file":
+        return pafs.LocalFileSystem(), loc.path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs)), loc.path
+
+
+def describe_error(uri: str, exc: BaseException) -> StorageError:
+    """Turn a file-system exception into a one-line `StorageError` with the likely fix."""
+    protocol = resolve(uri).protocol
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else name
+    if "Credentials" in name or "credential" in text.lower() or "AccessDenied" in text or "Forbidden" in text:
+        what = "access denied or no credentials"
+    elif isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:
+        what = "not found"
+    elif isinstance(exc, PermissionError):
+        what = "permission denied"
+    else:
+        what = f"{name}: {text}"
+    return StorageError(f"{uri}: {what}; {_FIXES[protocol]}")
+
+
+def read_bytes(uri: str) -> bytes:
+    loc = resolve(uri)
+    try:
+        return loc.fs.cat_file(loc.path)
+    except Exception as exc:  # noqa: BLE001 - any storage failure becomes one clear line
+        raise describe_error(uri, exc) from None
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write `data` so that readers see either nothing or all of it.
+
+    Local files are written to a temporary name and renamed; object stores make an object
+    visible only when its upload completes, so a plain put is already atomic there.
+    """
+    loc = resolve(uri)
+    try:
+        if loc.protocol == "file":
+            os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
+            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, loc.path)
+        else:
+            loc.fs.pipe_file(loc.path, data)
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(uri, exc) from None
+
+
+def exists(uri: str) -> bool:
+    loc = resolve(uri)
+    try:
+        return loc.fs.exists(loc.path)
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(uri, exc) from None
+
+
+def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[str]:
+    """All files under `uri` (recursive), as URIs, sorted; filtered by lower-case suffix."""
+    loc = resolve(uri)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+    try:
+        if loc.fs.isfile(loc.path):
+            paths = [loc.path]
+        else:
+            if not loc.fs.isdir(loc.path):
+                raise FileNotFoundError(loc.path)
+            paths = loc.fs.find(loc.path)
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(uri, exc) from None
+    if wanted:
+        paths = [p for p in paths if p.lower().endswith(wanted)]
+    return sorted(loc.uri(p) for p in paths)
+
+
+def ensure_dir(uri: str) -> None:
+    """Create a local directory (object stores need none); fail early on a missing bucket."""
+    loc = resolve(uri)
+    try:
+        if loc.protocol == "file":
+            os.makedirs(loc.path, exist_ok=True)
+        else:
+            bucket = loc.path.split("/", 1)[0]
+            if not loc.fs.exists(bucket):
+                raise FileNotFoundError(f"bucket {bucket}")
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(uri, exc) from None
+
+
+def file_sizes(uri: str) -> dict[str, int]:
+    """{path relative to `uri`: size in bytes} of every file under `uri` (one recursive listing).
+
+    One listing instead of one request per file: on object stores that is ~1 request per
+    1,000 files, and it tells missing files and shard sizes apart before any image is read.
+    """
+    loc = resolve(uri)
+    base = loc.path.rstrip("/") + "/"
+    try:
+        if not loc.fs.isdir(loc.path):
+            raise FileNotFoundError(loc.path)
+        found = loc.fs.find(loc.path, detail=True)
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(uri, exc) from None
+    return {p[len(base):]: int(info.get("size") or 0) for p, info in found.items() if p.startswith(base)}

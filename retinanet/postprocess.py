@@ -1,0 +1,62 @@
+"""Detections from head outputs, batched over images.
+
+Per level: the top-k candidates (default 1000) of each image, kept when their score passes the
+threshold (0.05); then decode, clip to the image, class-wise NMS (0.5) and the best N per image.
+torchvision does the same per image and per level in Python loops; here each step is one tensor
+operation over the whole batch, and NMS groups boxes by (image, class) in one `batched_nms` call.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import batched_nms
+
+from retinanet.config import RetinaNetConfig
+
+
+def class_scores(cls_logits: torch.Tensor, objectness: torch.Tensor | None) -> torch.Tensor:
+    """Per-anchor class probabilities [B, A, C]: sigmoid, or objectness x softmax (seesaw)."""
+    if objectness is None:
+        return cls_logits.float().sigmoid()
+    return objectness.float().sigmoid()[..., None] * cls_logits.float().softmax(dim=-1)
+
+
+def postprocess_detections(head_outputs: dict, anchors: torch.Tensor, level_sizes: list[int],
+                           image_sizes: torch.Tensor, cfg: RetinaNetConfig,
+                           box_coder: BoxCoder) -> list[dict[str, torch.Tensor]]:
+    """One dict per image with `boxes` [N, 4] (xyxy, resized-image pixels), `scores`, `labels`."""
+    scores = class_scores(head_outputs["cls_logits"], head_outputs.get("objectness"))
+    deltas = head_outputs["bbox_regression"].float()
+    batch, _, num_classes = scores.shape
+
+    top_scores, top_anchors, top_labels = [], [], []
+    start = 0
+    for size in level_sizes:  # 5 pyramid levels, each one batched top-k
+        level = scores[:, start:start + size].reshape(batch, -1)
+        values, index = level.topk(min(cfg.topk_candidates, level.shape[1]), dim=1)
+        top_scores.append(values)
+        top_anchors.append(index // num_classes + start)
+        top_labels.append(index % num_classes)
+        start += size
+    top_scores, top_anchors, top_labels = (torch.cat(t, dim=1) for t in (top_scores, top_anchors, top_labels))
+
+    image_index, slot = (top_scores > cfg.score_thresh).nonzero(as_tuple=True)
+    kept_scores = top_scores[image_index, slot]
+    kept_labels = top_labels[image_index, slot]
+    kept_anchors = top_anchors[image_index, slot]
+    boxes = box_coder.decode_single(deltas[image_index, kept_anchors], anchors[kept_anchors].to(deltas))
+    sizes = image_sizes.to(boxes.device)[image_index].to(boxes.dtype)  # (h, w)
+    boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
+                         boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])], dim=1)
+
+    keep = batched_nms(boxes, kept_scores, image_index * num_classes + kept_labels, cfg.nms_thresh)
+    # `keep` is sorted by score; a stable sort by image keeps that order within each image.
+    kept_images, order = image_index[keep].sort(stable=True)
+    keep = keep[order]
+    counts = torch.bincount(kept_images, minlength=batch)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(keep), device=keep.device) - first[kept_images]
+    keep = keep[rank < cfg.detections_per_img]
+    per_image = counts.clamp(max=cfg.detections_per_img).tolist()
+    return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(
+        boxes[keep].split(per_image), kept_scores[keep].split(per_image), kept_labels[keep].split(per_image))]
