@@ -22,9 +22,9 @@ TORCHVISION_MODELS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")
 
 
 def torchvision_config(v2: bool, num_classes: int = 91, **overrides) -> RetinaNetConfig:
-    """The architecture and inference settings of torchvision's RetinaNet (v1 or v2)."""
+    """The architecture and inference settings of torchvision's RetinaNet (v1 or v2; 300 detections per image)."""
     values = dict(num_classes=num_classes, backbone="resnet50", fpn_channels=256, norm="frozen_bn",
-                  size_divisible=32, anchor_sizes=(32, 64, 128, 256, 512))
+                  size_divisible=32, anchor_sizes=(32, 64, 128, 256, 512), detections_per_img=300)
     if v2:
         values.update(p6_from="c5", head_norm="group", box_loss="giou")
     else:
@@ -101,7 +101,7 @@ def save_checkpoint(model: RetinaNet, destination: str | os.PathLike | BinaryIO,
         "categories": [dict(c) for c in model.categories],
         "step": int(step),
         "metrics": dict(metrics or {}),
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
         **(extra or {}),
     }
     torch.save(payload, destination)

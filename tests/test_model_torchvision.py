@@ -45,7 +45,7 @@ def test_predict_equals_torchvision(twins):
     version, tv, ours = twins
     torch.manual_seed(1)
     images = [torch.rand(3, 200, 300), torch.rand(3, 256, 256), torch.rand(3, 311, 190)]
-    tv.detections_per_img = ours.config.detections_per_img = 300
+    assert tv.detections_per_img == ours.config.detections_per_img == 300
     with torch.no_grad():
         expected = tv(images)
     got = ours.predict(images, min_size=256, max_size=400)
