@@ -125,13 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.train_loop import train_loop
     from pipelines.datasets import detection_dataset
+    from pipelines.ray_runtime import ensure_ray
 
     output = storage.resolve(options["output"])
     storage.ensure_dir(output.uri())
-    if not ray.is_initialized():
-        local = not os.environ.get("RAY_ADDRESS")
-        ray.init(num_cpus=options["num_cpus"] or max(4, os.cpu_count() or 1) if local else None,
-                 include_dashboard=False if local else None, log_to_driver=True)
+    ensure_ray(options["num_cpus"])
     workers, batch = options["num_workers"], options["batch_size"]
     min_size = options["image_size"] or __import__("retinanet").preset(options["preset"]).min_size
     max_size = options["max_size"] or int(round(min_size * 1333 / 800))

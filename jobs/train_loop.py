@@ -153,6 +153,7 @@ def train_loop(cfg: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = resumed = state["step"]
+    optimizer_checksum = momentum_checksum(optimizer) if checkpoint else None
     log = MetricsLog(cfg["output"], resumed) if rank == 0 else None
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"]) if cfg["use_gpu"] else None
@@ -220,9 +221,17 @@ def train_loop(cfg: dict) -> None:
             window.fetch_started()
     if cfg.get("debug_dir"):
         checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-        record = {"rank": rank, "image_ids": seen, "param_checksum": checksum, "resumed_from": resumed}
+        record = {"rank": rank, "image_ids": seen, "param_checksum": checksum, "resumed_from": resumed,
+                  "resumed_momentum_checksum": optimizer_checksum}
         storage.write_bytes_atomic(storage.resolve(cfg["debug_dir"]).join(f"rank-{rank}.json").uri(),
                                    json.dumps(record).encode())
+
+
+def momentum_checksum(optimizer_or_state) -> float:
+    """Sum of SGD momentum buffers: tells a resumed optimizer from a fresh one."""
+    state = optimizer_or_state.state_dict() if hasattr(optimizer_or_state, "state_dict") else optimizer_or_state
+    return float(sum(float(s["momentum_buffer"].double().sum()) for s in state["state"].values()
+                     if s.get("momentum_buffer") is not None))
 
 
 def failure_marker(cfg: dict) -> str:
