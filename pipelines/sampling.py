@@ -1,0 +1,54 @@
+"""Repeat-factor sampling for long-tailed training data (Gupta et al., LVIS).
+
+Each category c gets r_c = max(1, sqrt(t / f_c)), f_c being the fraction of training images
+that contain c (t = 0.001 by default); each image is repeated r_i = max over its categories
+times per epoch, the fractional part by a coin flip. The coin is a hash of (seed, epoch,
+image_id), so the stream is the same on every rerun and every worker, with no per-image loop.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def category_repeat_factors(images_per_category: dict[int, int], num_images: int,
+                            threshold: float = 0.001) -> dict[int, float]:
+    """r_c = max(1, sqrt(t / f_c)) with f_c = images containing c / all images."""
+    return {int(c): max(1.0, float(np.sqrt(threshold / (n / max(num_images, 1))))) if n else 1.0
+            for c, n in images_per_category.items()}
+
+
+def _uniform(image_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A deterministic uniform [0, 1) per (seed, epoch, image id): splitmix64 of the three."""
+    with np.errstate(over="ignore"):
+        z = image_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z ^= np.uint64(seed * 1_000_003 + epoch) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def image_repeat_counts(category_ids: pa.ChunkedArray | pa.Array, image_ids: np.ndarray,
+                        factors: dict[int, float], seed: int, epoch: int) -> np.ndarray:
+    """How many times each image appears this epoch: floor(r_i) or floor(r_i) + 1."""
+    lists = category_ids.combine_chunks() if isinstance(category_ids, pa.ChunkedArray) else category_ids
+    flat = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    parents = pc.list_parent_indices(lists).to_numpy()
+    keys = np.array(sorted(factors), dtype=np.int64)
+    values = np.array([factors[k] for k in keys.tolist()], dtype=np.float64)
+    per_box = np.ones(len(flat))
+    if len(keys):
+        position = np.clip(np.searchsorted(keys, flat), 0, len(keys) - 1)
+        per_box = np.where(keys[position] == flat, values[position], 1.0)
+    per_image = np.ones(len(image_ids))
+    np.maximum.at(per_image, parents, per_box)
+    whole = np.floor(per_image)
+    return (whole + (_uniform(np.asarray(image_ids), seed, epoch) < per_image - whole)).astype(np.int64)
+
+
+def repeat_rows(batch: pa.Table, factors: dict[int, float], seed: int = 0, epoch: int = 0) -> pa.Table:
+    """Ray Data `map_batches` step (pyarrow format): each row repeated by its image's count."""
+    counts = image_repeat_counts(batch.column("category_id"), batch.column("image_id").to_numpy(), factors, seed, epoch)
+    return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), counts)))
