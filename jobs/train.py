@@ -23,7 +23,7 @@ from pipelines.errors import UserError
 DEFAULTS = dict(preset="tiny", num_workers=2, use_gpu=False, batch_size=8, epochs=None, max_steps=None, lr=None,
                 image_size=None, max_size=None, amp=None, init=None, checkpoint_every=100, keep=3, max_failures=0,
                 val_data=None, seed=0, log_every=20, warmup_steps=None, weight_decay=1e-4, cls_loss="focal",
-                num_cpus=None, name="retinanet", scale_jitter=None, fail_at_step=None, debug_dir=None)
+                num_cpus=None, name="retinanet", placement="PACK", scale_jitter=None, fail_at_step=None, debug_dir=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, help="steps between metrics lines (default 20)")
     p.add_argument("--seed", type=int, help="seed for weights, file order and augmentation (default 0)")
     p.add_argument("--name", help="run name under --output; rerun with the same name to resume (default retinanet)")
+    p.add_argument("--placement", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+                   help="worker placement over nodes (default PACK; SPREAD puts workers on different nodes)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray instance (default: max(4, cores))")
     p.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)  # fault injection for tests
     p.add_argument("--debug-dir", help=argparse.SUPPRESS)  # per-rank image ids and parameter checksums
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         train_loop, train_loop_config=cfg, datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=options["use_gpu"],
-                                     resources_per_worker=None if options["use_gpu"] else {"CPU": 1}),
+                                     resources_per_worker=None if options["use_gpu"] else {"CPU": 1},
+                                     placement_strategy=options["placement"]),
         run_config=RunConfig(name=options["name"], storage_path=arrow_path, storage_filesystem=arrow_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=options["keep"]),
                              failure_config=FailureConfig(max_failures=options["max_failures"])),

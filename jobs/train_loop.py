@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -221,7 +222,8 @@ def train_loop(cfg: dict) -> None:
             window.fetch_started()
     if cfg.get("debug_dir"):
         checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-        record = {"rank": rank, "image_ids": seen, "param_checksum": checksum, "resumed_from": resumed,
+        record = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "image_ids": seen,
+                  "param_checksum": checksum, "resumed_from": resumed,
                   "resumed_momentum_checksum": optimizer_checksum}
         storage.write_bytes_atomic(storage.resolve(cfg["debug_dir"]).join(f"rank-{rank}.json").uri(),
                                    json.dumps(record).encode())
