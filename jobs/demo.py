@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1600, help="training images (val gets a quarter)")
     p.add_argument("--num-classes", type=int, default=3)
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--epochs", type=float, default=8)
+    p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="per worker")
     return p
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if not storage.exists(path("shards", split, "manifest.json")):
             _step("prepare", ["--images", path("synth", split, "images"), "--annotations",
                               path("synth", split, "annotations.json"), "--output", path("shards", split)])
-    _step("train", ["--data", path("shards", "train"), "--val-data", path("shards", "val"), "--output", path("train"),
+    _step("train", ["--data", path("shards", "train"), "--output", path("train"),
                     "--num-workers", str(args.num_workers), "--batch-size", str(args.batch_size),
                     "--epochs", str(args.epochs), "--image-size", size, "--checkpoint-every", "200"])
     if importlib.util.find_spec("jobs.infer") is not None:
