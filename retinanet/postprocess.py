@@ -2,8 +2,9 @@
 
 Per level: the top-k candidates (default 1000) of each image, kept when their score passes the
 threshold (0.05); then decode, clip to the image, class-wise NMS (0.5) and the best N per image.
-torchvision does the same per image and per level in Python loops; here each step is one tensor
-operation over the whole batch, and NMS groups boxes by (image, class) in one `batched_nms` call.
+torchvision does the same per image and per level in Python loops; here top-k, thresholding,
+decoding and clipping are each one tensor operation over the whole batch, and NMS is one call
+per image (see `classwise_nms`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,23 @@ from torchvision.ops import batched_nms
 from retinanet.config import RetinaNetConfig
 
 
+def classwise_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor,
+                  num_images: int, iou_threshold: float) -> torch.Tensor:
+    """Indices kept by NMS within each (image, class), sorted by image then decreasing score.
+
+    One `batched_nms` call per image: torchvision then picks the fastest strategy for the device
+    (per-class passes on CPU, coordinate offsets on GPU). A single call over the whole batch
+    would make its per-class passes scan every image's boxes: quadratic in the batch size.
+    """
+    keep, start = [], 0
+    for count in torch.bincount(image_index, minlength=num_images).tolist():  # rows arrive grouped by image
+        if count:
+            window = slice(start, start + count)
+            keep.append(batched_nms(boxes[window], scores[window], labels[window], iou_threshold) + start)
+        start += count
+    return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.int64, device=boxes.device)
+
+
 def class_scores(cls_logits: torch.Tensor, objectness: torch.Tensor | None) -> torch.Tensor:
     """Per-anchor class probabilities [B, A, C]: sigmoid, or objectness x softmax (seesaw)."""
     if objectness is None:
@@ -21,11 +39,19 @@ def class_scores(cls_logits: torch.Tensor, objectness: torch.Tensor | None) -> t
     return objectness.float().sigmoid()[..., None] * cls_logits.float().softmax(dim=-1)
 
 
+def _ranking(head_outputs: dict) -> tuple[torch.Tensor, bool]:
+    """What to take the top-k of: raw logits when the score is their sigmoid (same order, and
+    the sigmoid then runs on the k winners only), else the scores themselves."""
+    if head_outputs.get("objectness") is None:
+        return head_outputs["cls_logits"].float(), True
+    return class_scores(head_outputs["cls_logits"], head_outputs["objectness"]), False
+
+
 def postprocess_detections(head_outputs: dict, anchors: torch.Tensor, level_sizes: list[int],
                            image_sizes: torch.Tensor, cfg: RetinaNetConfig,
                            box_coder: BoxCoder) -> list[dict[str, torch.Tensor]]:
     """One dict per image with `boxes` [N, 4] (xyxy, resized-image pixels), `scores`, `labels`."""
-    scores = class_scores(head_outputs["cls_logits"], head_outputs.get("objectness"))
+    scores, are_logits = _ranking(head_outputs)
     deltas = head_outputs["bbox_regression"].float()
     batch, _, num_classes = scores.shape
 
@@ -39,6 +65,8 @@ def postprocess_detections(head_outputs: dict, anchors: torch.Tensor, level_size
         top_labels.append(index % num_classes)
         start += size
     top_scores, top_anchors, top_labels = (torch.cat(t, dim=1) for t in (top_scores, top_anchors, top_labels))
+    if are_logits:
+        top_scores = top_scores.sigmoid()
 
     image_index, slot = (top_scores > cfg.score_thresh).nonzero(as_tuple=True)
     kept_scores = top_scores[image_index, slot]
@@ -49,10 +77,8 @@ def postprocess_detections(head_outputs: dict, anchors: torch.Tensor, level_size
     boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
                          boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])], dim=1)
 
-    keep = batched_nms(boxes, kept_scores, image_index * num_classes + kept_labels, cfg.nms_thresh)
-    # `keep` is sorted by score; a stable sort by image keeps that order within each image.
-    kept_images, order = image_index[keep].sort(stable=True)
-    keep = keep[order]
+    keep = classwise_nms(boxes, kept_scores, kept_labels, image_index, batch, cfg.nms_thresh)
+    kept_images = image_index[keep]
     counts = torch.bincount(kept_images, minlength=batch)
     first = torch.cumsum(counts, 0) - counts
     rank = torch.arange(len(keep), device=keep.device) - first[kept_images]
