@@ -122,6 +122,7 @@ def plot_loss_curve(metrics_uri: str, png_uri: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     options = resolve_options(argv)
     import ray
+    import retinanet
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     storage.ensure_dir(output.uri())
     ensure_ray(options["num_cpus"])
     workers, batch = options["num_workers"], options["batch_size"]
-    min_size = options["image_size"] or __import__("retinanet").preset(options["preset"]).min_size
+    min_size = options["image_size"] or retinanet.preset(options["preset"]).min_size
     max_size = options["max_size"] or int(round(min_size * 1333 / 800))
     train_ds, manifest = detection_dataset(options["data"], image_size=min_size, max_size=max_size, train=True,
                                            seed=options["seed"], scale_jitter=options["scale_jitter"])
