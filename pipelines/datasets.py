@@ -1,0 +1,179 @@
+"""Ray Data datasets for training, evaluation and batch inference.
+
+- `detection_dataset`: prepared shards (manifest.json) or a COCO layout (images/ +
+  annotations.json) -> streaming rows ready for `collate_detection_batch`. Shards are read
+  with `read_parquet`, file order shuffled per (seed, epoch) for training, and decoded,
+  resized and flipped in CPU tasks, so memory stays flat however large the dataset is.
+- `image_files_dataset`: a folder or bucket prefix of JPEG/PNG files (recursive) -> rows
+  ``uri`` string, ``image`` binary (encoded bytes; null if unreadable), ``image_id`` int64
+  (always null), ``error`` string (null when read), for batch inference. A file that cannot
+  be read becomes a row with an error instead of failing the run, so every input gets a row.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipelines import coco, shards, storage
+from pipelines.errors import UserError
+from pipelines.shards import Manifest, read_manifest  # noqa: F401 - part of this module's interface
+from pipelines.transforms import collate_detection_batch, preprocess_batch
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+ROWS_PER_BLOCK = 64
+COCO_ANNOTATIONS, COCO_IMAGES = "annotations.json", "images"
+_FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+class DetectionCollate(NumpyBatchCollateFn):
+    """`collate_detection_batch` as the collate class Ray 2.60 prefers (plain functions are
+    deprecated there): ``ds.iter_torch_batches(collate_fn=DetectionCollate())``."""
+
+    def __init__(self, size_divisible: int = 128):
+        self.size_divisible = size_divisible
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        return collate_detection_batch(batch, self.size_divisible)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One 32-bit seed per (seed, epoch): each epoch reads the shards in a new, reproducible order."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def detection_dataset(
+    uri: str,
+    *,
+    image_size: float = 800,
+    max_size: float = 1333,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    scale_jitter: tuple[float, float] | None = None,
+    flip_prob: float = 0.5,
+    batch_size: int = 16,
+) -> tuple[ray.data.Dataset, Manifest]:
+    """Rows for `collate_detection_batch` from shards or a COCO layout, plus the dataset's manifest.
+
+    `scale_jitter=(lo, hi)` multiplies `image_size` and `max_size` by a factor drawn per image
+    (training only). Flip (p=`flip_prob`) and jitter are reproducible per (seed, epoch, image).
+    """
+    if storage.exists(shards.manifest_uri(uri)):
+        manifest = read_manifest(uri)
+        if not manifest.shards:
+            raise UserError(f"{uri}: the manifest lists no shards; rerun jobs.prepare")
+        fs, _ = storage.arrow_filesystem(uri)
+        paths = [storage.resolve(u).path for u in shards.shard_uris(uri, manifest)]
+        shuffle = ray.data.FileShuffleConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=False)
+        ds = read_shards(paths, fs, shuffle=shuffle if train else None,
+                         columns=["image_id", "image", "boxes", "category_id", "iscrowd"])
+    elif storage.exists(storage.resolve(uri).join(COCO_ANNOTATIONS).uri()):
+        ds, manifest = coco_layout_dataset(uri, shuffle_seed=epoch_seed(seed, epoch) if train else None)
+    else:
+        raise UserError(f"{uri}: neither a shards folder (manifest.json) nor a COCO layout "
+                        f"({COCO_IMAGES}/ + {COCO_ANNOTATIONS}); run jobs.prepare or jobs.synth")
+    # A read task yields one big block per ~128 MiB of shards; cut it into small blocks so that
+    # decoding spreads over every CPU instead of running in one task.
+    ds = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
+        preprocess_batch, batch_format="pyarrow", batch_size=batch_size,
+        fn_kwargs={"category_ids": manifest.category_ids, "min_size": image_size, "max_size": max_size,
+                   "train": train, "seed": seed, "epoch": epoch, "scale_jitter": scale_jitter,
+                   "flip_prob": flip_prob})
+    return ds, manifest
+
+
+def read_shards(paths: list[str], filesystem, **read_parquet_args) -> ray.data.Dataset:
+    """`ray.data.read_parquet` with as many footer-reader actors as the shard count needs.
+
+    Ray 2.60's Parquet reader starts a pool of footer-reading actors (32 by default, sized for
+    large clusters) on every execution, i.e. every epoch; on a small machine starting them
+    costs tens of seconds. We know the shard list, so ask for one actor per 10 footers.
+    """
+    wanted = str(max(1, min(32, -(-len(paths) // 10))))
+    saved = os.environ.get(_FOOTER_ACTORS)
+    os.environ[_FOOTER_ACTORS] = saved or wanted  # read once, while the dataset is built
+    try:
+        return ray.data.read_parquet(paths, filesystem=filesystem, **read_parquet_args)
+    finally:
+        if saved is None:
+            os.environ.pop(_FOOTER_ACTORS, None)
+
+
+def coco_layout_dataset(uri: str, shuffle_seed: int | None = None) -> tuple[ray.data.Dataset, Manifest]:
+    """Shard-schema rows straight from ``images/`` + ``annotations.json`` (no prepare step).
+
+    Annotations are validated as in `jobs.prepare` (problems skipped and logged); images are
+    read in parallel tasks, a missing file is logged and skipped.
+    """
+    root = storage.resolve(uri)
+    annotations = root.join(COCO_ANNOTATIONS).uri()
+    issues = coco.Issues()
+    data = coco.load_annotations(annotations)
+    categories = coco.categories_of(data, annotations)
+    records = coco.image_records(data, issues)
+    del data
+    if issues.counts:
+        log.warning("%s: skipped or fixed input problems: %s", annotations, issues.summary())
+    if not records:
+        raise UserError(f"{annotations}: no images listed; give a COCO file with images")
+    if shuffle_seed is not None:
+        records = [records[i] for i in np.random.default_rng(shuffle_seed).permutation(len(records))]
+    manifest = Manifest(
+        categories=categories, num_images=len(records),
+        num_annotations=sum(len(r["boxes"]) for r in records),
+        num_crowd=sum(sum(r["iscrowd"]) for r in records),
+        num_empty_images=sum(not r["boxes"] for r in records),
+        source={"images": root.join(COCO_IMAGES).uri(), "annotations": annotations},
+        issues=dict(issues.counts), issue_examples=issues.examples)
+    ds = ray.data.from_items(records, override_num_blocks=_num_blocks(len(records)))
+    ds = ds.map_batches(_attach_images, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK,
+                        fn_kwargs={"images_uri": manifest.source["images"]})
+    return ds, manifest
+
+
+def _attach_images(batch: pa.Table, images_uri: str) -> pa.Table:
+    loc = storage.resolve(images_uri)
+    records = batch.to_pylist()
+    fetched = storage.read_many(loc, [loc.join(r["file_name"]).path for r in records])
+    kept, images = [], []
+    for rec, data in zip(records, fetched):
+        if isinstance(data, Exception):
+            log.warning("skipping image_id %s: cannot read %s (%s)", rec["image_id"], rec["file_name"],
+                        type(data).__name__)
+            continue
+        kept.append(rec)
+        images.append(data)
+    return shards.records_table(kept, images)
+
+
+def image_files_dataset(uri: str) -> ray.data.Dataset:
+    """Every .jpg/.jpeg/.png under `uri` (recursive, sorted), one row per file (see module doc)."""
+    uris = storage.list_files(uri, suffixes=IMAGE_SUFFIXES)
+    if not uris:
+        raise UserError(f"{uri}: no {'/'.join(IMAGE_SUFFIXES)} files found; check the folder or prefix")
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=_num_blocks(len(uris)))
+    return ds.map_batches(_read_image_files, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK)
+
+
+def _read_image_files(batch: pa.Table) -> pa.Table:
+    uris = batch["uri"].to_pylist()
+    loc = storage.resolve(uris[0]) if uris else None
+    fetched = storage.read_many(loc, [storage.resolve(u).path for u in uris]) if uris else []
+    return pa.table({
+        "uri": pa.array(uris, pa.string()),
+        "image": pa.array([None if isinstance(d, Exception) else d for d in fetched], pa.binary()),
+        "image_id": pa.nulls(len(uris), pa.int64()),
+        "error": pa.array([f"cannot read: {type(d).__name__}" if isinstance(d, Exception) else None
+                           for d in fetched], pa.string()),
+    })
+
+
+def _num_blocks(num_rows: int) -> int:
+    return max(1, min(-(-num_rows // ROWS_PER_BLOCK), 10_000))

@@ -1,0 +1,142 @@
+"""Ray Data readers: shards (local and S3), COCO layout, custom image folders, into the collate."""
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import boto3
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from pipelines import storage
+from pipelines.datasets import DetectionCollate, detection_dataset, image_files_dataset, read_manifest
+from pipelines.errors import UserError
+from pipelines.prepare import prepare
+from pipelines.transforms import preprocess_images_batch
+
+IMAGE_SIZE = 96  # synth images are 128 px: every box scales by 0.75
+
+
+@pytest.fixture(scope="module")
+def s3_shards(ray_local, s3_server, synth_coco) -> str:
+    """The session's synthetic set prepared into 8 shards in a bucket of this module."""
+    bucket = f"shards-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    prepare(str(synth_coco / "images"), str(synth_coco / "annotations.json"), f"s3://{bucket}/shards",
+            images_per_shard=3, progress=lambda _: None)
+    return f"s3://{bucket}/shards"
+
+
+def expected_targets(synth_coco, scale: float) -> dict[int, tuple[np.ndarray, list[int]]]:
+    coco = json.loads((synth_coco / "annotations.json").read_text())
+    out = {im["id"]: ([], []) for im in coco["images"]}
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        out[a["image_id"]][0].append([x * scale, y * scale, (x + w) * scale, (y + h) * scale])
+        out[a["image_id"]][1].append(a["category_id"] - 1)  # ids 1..K -> 0..K-1
+    return {k: (np.array(b, np.float32).reshape(-1, 4), c) for k, (b, c) in out.items()}
+
+
+def collect(ds, batch_size: int = 5) -> dict[int, dict]:
+    """image_id -> that image's collated tensors; fails if an image comes twice."""
+    seen = {}
+    for batch in ds.iter_torch_batches(batch_size=batch_size, collate_fn=DetectionCollate()):
+        assert batch["images"].shape[2] % 128 == 0 and batch["images"].shape[3] % 128 == 0
+        for i, image_id in enumerate(batch["image_id"].tolist()):
+            assert image_id not in seen
+            n = int(batch["num_boxes"][i])
+            assert (batch["labels"][i, n:] == -1).all()
+            seen[image_id] = {"boxes": batch["boxes"][i, :n].numpy(), "labels": batch["labels"][i, :n].tolist(),
+                              "size": batch["image_sizes"][i].tolist(), "orig": batch["original_sizes"][i].tolist(),
+                              "scale": float(batch["scale"][i])}
+    return seen
+
+
+def assert_targets(seen, synth_coco) -> None:
+    expected = expected_targets(synth_coco, IMAGE_SIZE / 128)
+    assert sorted(seen) == sorted(expected)  # every image exactly once
+    for image_id, got in seen.items():
+        boxes, labels = expected[image_id]
+        np.testing.assert_allclose(got["boxes"], boxes, atol=1e-4)
+        assert got["labels"] == labels
+        assert got["size"] == [IMAGE_SIZE, IMAGE_SIZE] and got["orig"] == [128, 128] and got["scale"] == 0.75
+
+
+def test_shards_on_s3_stream_into_collate(s3_shards, synth_coco):
+    ds, manifest = detection_dataset(s3_shards, image_size=IMAGE_SIZE, max_size=1333, train=False)
+    assert manifest.num_images == 24 and len(manifest.shards) == 8
+    assert [c["name"] for c in manifest.categories] == ["circle", "square", "triangle"]
+    assert_targets(collect(ds), synth_coco)
+
+
+def test_coco_layout_reads_directly(ray_local, synth_coco):
+    ds, manifest = detection_dataset(str(synth_coco), image_size=IMAGE_SIZE, max_size=1333, train=False)
+    assert manifest.num_images == 24 and manifest.category_ids == [1, 2, 3]
+    assert_targets(collect(ds, batch_size=7), synth_coco)
+
+
+def test_training_order_and_flips_follow_seed_and_epoch(s3_shards, synth_coco):
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        def epoch_run(epoch):
+            ds, _ = detection_dataset(s3_shards, image_size=IMAGE_SIZE, max_size=1333, train=True, seed=3, epoch=epoch)
+            rows = ds.select_columns(["image_id", "boxes"]).take_all()
+            return [r["image_id"] for r in rows], {r["image_id"]: r["boxes"] for r in rows}
+
+        order0, boxes0 = epoch_run(0)
+        again0, again_boxes0 = epoch_run(0)
+        order1, boxes1 = epoch_run(1)
+    finally:
+        ctx.execution_options.preserve_order = saved
+    assert order0 == again0 and boxes0 == again_boxes0  # reproducible
+    assert order0 != order1 and sorted(order0) == sorted(order1) == list(range(1, 25))  # reshuffled, complete
+    expected = expected_targets(synth_coco, IMAGE_SIZE / 128)
+    flipped = 0
+    for image_id, data in boxes0.items():
+        got, (plain, _) = np.frombuffer(data, np.float32).reshape(-1, 4), expected[image_id]
+        mirrored = np.stack([IMAGE_SIZE - plain[:, 2], plain[:, 1], IMAGE_SIZE - plain[:, 0], plain[:, 3]], 1)
+        assert np.allclose(got, plain, atol=1e-4) or np.allclose(got, mirrored, atol=1e-4)
+        flipped += len(plain) > 0 and not np.allclose(got, plain, atol=1e-4)
+    assert flipped > 0 and boxes0 != boxes1
+
+
+def test_custom_image_folder_on_s3(ray_local, s3_bucket):
+    def jpeg(color, size=(40, 30)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, color).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    files = {"a.jpg": jpeg((255, 0, 0)), "sub/deeper/B.JPG": jpeg((0, 255, 0), (30, 60)),
+             "sub/c.png": jpeg((0, 0, 255)), "sub/broken.jpeg": b"not really a jpeg", "notes.txt": b"skip me"}
+    for name, data in files.items():
+        storage.write_bytes_atomic(f"{s3_bucket}/in/{name}", data)
+    rows = sorted(image_files_dataset(f"{s3_bucket}/in").take_all(), key=lambda r: r["uri"])
+    assert [r["uri"] for r in rows] == sorted(f"{s3_bucket}/in/{n}" for n in files if n != "notes.txt")
+    for row in rows:
+        assert row["image"] == files[row["uri"].split("/in/", 1)[1]]
+        assert row["image_id"] is None and row["error"] is None
+
+    ds = image_files_dataset(f"{s3_bucket}/in").map_batches(
+        preprocess_images_batch, batch_format="pyarrow", fn_kwargs={"min_size": 30, "max_size": 100})
+    batches = list(ds.iter_torch_batches(batch_size=10, collate_fn=DetectionCollate()))
+    assert len(batches) == 1 and batches[0]["images"].shape[0] == 4
+    table = ds.select_columns(["uri", "error", "height", "width"]).take_all()
+    errors = {r["uri"].rsplit("/", 1)[-1]: r["error"] for r in table}
+    assert errors["broken.jpeg"].startswith("cannot decode") and errors["a.jpg"] is None
+    assert {r["uri"].rsplit("/", 1)[-1]: (r["height"], r["width"]) for r in table}["B.JPG"] == (60, 30)
+
+
+def test_readers_name_the_fix_for_bad_uris(tmp_path, s3_server):
+    with pytest.raises(UserError, match="no manifest; run `python -m jobs.prepare"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(UserError, match="neither a shards folder"):
+        detection_dataset(str(tmp_path), image_size=64, max_size=64, train=True)
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(UserError, match="no .jpg/.jpeg/.png files"):
+        image_files_dataset(str(tmp_path))
+    with pytest.raises(UserError, match="not found"):
+        image_files_dataset("s3://no-such-bucket-yy/images")
