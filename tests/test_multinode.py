@@ -4,8 +4,8 @@ Neither may live in the pytest process, which holds the suite's one local Ray (`
 
 - `multinode_driver.py` runs in a subprocess: `ray.cluster_utils.Cluster` with a CPU-less head and
   two 2-CPU worker nodes, a 2-worker `jobs.train --placement SPREAD` run, then a `jobs.infer` run
-  whose detector's node is removed mid-run. One cluster serves both (a 2-worker Train run costs
-  ~35 s here); the tests below check what it left behind.
+  whose detector's node is removed mid-run. One cluster serves both (starting it and a 2-worker
+  Train run each cost tens of seconds here); the tests below check what it left behind.
 - `ray start --head` in a subprocess (private temp dir, free ports, its own token), to which
   `jobs.submit` sends a training job, an inference job and a failing job, as a user would.
 
