@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1600, help="training images (val gets a quarter)")
     p.add_argument("--num-classes", type=int, default=3)
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--epochs", type=float, default=3.5)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="per worker")
     return p
