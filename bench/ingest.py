@@ -140,7 +140,8 @@ def ray_epoch(shards_uri: str, epoch: int, args) -> int:
     count = 0
     ds, _ = detection_dataset(shards_uri, image_size=args.resize, max_size=args.max_size, train=True,
                               epoch=epoch, batch_size=args.batch_size)
-    for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=DetectionCollate()):
+    for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=DetectionCollate(),
+                                       prefetch_batches=2):  # as jobs/train_loop.py does
         count += len(batch["image_id"])
     return count
 
@@ -238,7 +239,7 @@ def tiny_training_rate(steps: int = 8, batch_size: int = 8) -> tuple[float, floa
     return batch_size / min(times[2:]), cpu_ms, size
 
 
-def prepare_peak_memory(num_images: int, workdir: Path) -> dict:
+def prepare_peak_memory(num_images: int, workdir: Path, images_per_shard: int) -> dict:
     """Run jobs.prepare in a fresh process (its own local Ray) and sample its memory."""
     from pipelines.synth import write_synth
 
@@ -248,7 +249,8 @@ def prepare_peak_memory(num_images: int, workdir: Path) -> dict:
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     log = open(workdir / f"prepare-{num_images}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.prepare", "--images", str(src / "images"),
-                             "--annotations", str(src / "annotations.json"), "--output", str(workdir / f"out-{num_images}")],
+                             "--annotations", str(src / "annotations.json"), "--output", str(workdir / f"out-{num_images}"),
+                             "--images-per-shard", str(images_per_shard)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     peak = {"driver_rss": 0, "tree_pss": 0}
     start = time.perf_counter()
@@ -274,6 +276,8 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs and DataLoader workers")
     p.add_argument("--epochs", type=int, default=3, help="epochs per pipeline: the first is cold, then best of the rest")
     p.add_argument("--memory-sizes", type=int, nargs="*", default=[1000, 10000])
+    p.add_argument("--memory-shard-sizes", type=int, nargs="*", default=[1000, 250],
+                   help="--images-per-shard values for the memory runs (1000 = the default)")
     args = p.parse_args()
 
     import boto3
@@ -304,8 +308,9 @@ def main() -> None:
 
     memory = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.memory_sizes:
-            memory[n] = prepare_peak_memory(n, Path(tmp))
+        for per_shard in args.memory_shard_sizes:
+            for n in args.memory_sizes:
+                memory[n, per_shard] = prepare_peak_memory(n, Path(tmp), per_shard)
     report(args, manifest, runs, (train_rate, train_cpu_ms, train_size), memory)
 
 
@@ -331,13 +336,17 @@ def report(args, manifest, runs, train, memory) -> None:
     print(f"Ray vs tiny training: {ray_rate / train_rate:.1f}x measured, {train_cpu_ms / ray_cpu:.1f}x by CPU per image "
           f"(target >= 3x)")
     if memory:
-        print(f"\n{'prepare, synthetic 128px':<28}{'driver peak RSS MB':>20}{'tree peak PSS MB':>18}{'seconds':>10}")
-        for n, m in memory.items():
-            print(f"{n:>8} images{'':<14}{m['driver_rss'] / 2**20:>20.0f}{m['tree_pss'] / 2**20:>18.0f}{m['seconds']:>10.1f}")
-        if len(memory) == 2:
-            small, big = memory.values()
-            print(f"ratio large/small: driver {big['driver_rss'] / small['driver_rss']:.2f}, "
-                  f"tree {big['tree_pss'] / small['tree_pss']:.2f} (target <= 1.2)")
+        print(f"\n{'prepare, synthetic 128px':<32}{'shards':>7}{'driver peak RSS MB':>20}{'tree peak PSS MB':>18}"
+              f"{'seconds':>9}")
+        for (n, per_shard), m in memory.items():
+            print(f"{n:>6} images, {per_shard:>4} per shard{'':<5}{-(-n // per_shard):>7}{m['driver_rss'] / 2**20:>20.0f}"
+                  f"{m['tree_pss'] / 2**20:>18.0f}{m['seconds']:>9.1f}")
+        for per_shard in args.memory_shard_sizes:
+            small, big = (memory.get((n, per_shard)) for n in (min(args.memory_sizes), max(args.memory_sizes)))
+            if small and big and small is not big:
+                print(f"ratio {max(args.memory_sizes)}/{min(args.memory_sizes)} images at {per_shard} per shard: "
+                      f"driver {big['driver_rss'] / small['driver_rss']:.2f}, tree {big['tree_pss'] / small['tree_pss']:.2f}"
+                      f" (target <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,11 @@ def detection_dataset(
     """Rows for `collate_detection_batch` from shards or a COCO layout, plus the dataset's manifest.
 
     `scale_jitter=(lo, hi)` multiplies `image_size` and `max_size` by a factor drawn per image
-    (training only). Flip (p=`flip_prob`) and jitter are reproducible per (seed, epoch, image).
+    (training only). For training, every pass over the returned dataset (each epoch of a Ray
+    Train run iterates it again) reads the shards in a new order and draws new flips and
+    jitter, yet reproducibly: the n-th pass of a dataset built with (seed, epoch) is always the
+    same, using Ray's own execution counter. Build one dataset per `epoch` to pin an epoch.
+    A COCO layout is shuffled once per (seed, epoch), not per pass.
     """
     if storage.exists(shards.manifest_uri(uri)):
         manifest = read_manifest(uri)
@@ -71,7 +75,7 @@ def detection_dataset(
             raise UserError(f"{uri}: the manifest lists no shards; rerun jobs.prepare")
         fs, _ = storage.arrow_filesystem(uri)
         paths = [storage.resolve(u).path for u in shards.shard_uris(uri, manifest)]
-        shuffle = ray.data.FileShuffleConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=False)
+        shuffle = ray.data.FileShuffleConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=True)
         ds = read_shards(paths, fs, shuffle=shuffle if train else None,
                          columns=["image_id", "image", "boxes", "category_id", "iscrowd"])
     elif storage.exists(storage.resolve(uri).join(COCO_ANNOTATIONS).uri()):
@@ -82,11 +86,18 @@ def detection_dataset(
     # A read task yields one big block per ~128 MiB of shards; cut it into small blocks so that
     # decoding spreads over every CPU instead of running in one task.
     ds = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
-        preprocess_batch, batch_format="pyarrow", batch_size=batch_size,
+        _preprocess_pass, batch_format="pyarrow", batch_size=batch_size,
         fn_kwargs={"category_ids": manifest.category_ids, "min_size": image_size, "max_size": max_size,
                    "train": train, "seed": seed, "epoch": epoch, "scale_jitter": scale_jitter,
                    "flip_prob": flip_prob})
     return ds, manifest
+
+
+def _preprocess_pass(batch: pa.Table, **kwargs) -> dict[str, np.ndarray]:
+    """`preprocess_batch` told which pass over the dataset this is (Ray counts executions of a
+    dataset in its context, which tasks inherit; Ray's own random ops seed the same way)."""
+    execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
+    return preprocess_batch(batch, execution=execution, **kwargs)
 
 
 def read_shards(paths: list[str], filesystem, **read_parquet_args) -> ray.data.Dataset:

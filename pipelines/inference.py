@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 PLAN_FILE = "_infer_plan.json"  # leading "_": Parquet/Hive readers skip it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # as pipelines.datasets (which imports Ray at load)
 COCO_ANNOTATIONS, COCO_IMAGES = "annotations.json", "images"
-DECODE_CHUNK = 16  # images decoded per output block: bounds a decode task's memory
+DECODE_CHUNK = 16  # images per yield: Ray Data cuts a unit's pixels into blocks of its target size
 MAX_IMAGE_PIXELS = 300_000_000  # PIL's bomb guard (89M) would reject a 10000x10000 photo
 # What a decode task may hold (a chunk of resized images plus one full-size decode). Declaring it
 # also keeps Ray Data from fusing decoding into the detector actors (it fuses only stages with
@@ -125,8 +125,9 @@ def _coco_inputs(uri: str) -> tuple[list[str], list[int]]:
     issues = coco.Issues()
     records = sorted(coco.image_records(coco.load_annotations(root.join(COCO_ANNOTATIONS).uri()), issues),
                      key=lambda r: r["image_id"])
-    if issues.counts:
-        log.warning("%s: skipped input problems: %s", uri, issues.summary())
+    dropped = {k: n for k, n in issues.counts.items() if k in ("invalid_image_entry", "duplicate_image_id")}
+    if dropped:  # annotation problems do not matter here, image entries do
+        log.warning("%s: image entries skipped: %s", uri, dropped)
     images = root.join(COCO_IMAGES)
     return [images.join(r["file_name"]).uri() for r in records], [r["image_id"] for r in records]
 
@@ -235,7 +236,7 @@ def _max_image_pixels(limit: int):
 
 def decode_units(batch: pa.Table, *, min_size: float, max_size: float, chunk: int = DECODE_CHUNK,
                  max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[pa.Table]:
-    """Ray Data task (generator): unit specs -> decoded, resized rows, `chunk` images per block.
+    """Ray Data task (generator): unit specs -> decoded, resized rows, `chunk` images per yield.
 
     JPEGs decode at reduced DCT scale and everything is resized at once (`load_resized`), so a
     10000x10000 photo costs its reduced decode, not 300 MB of pixels per stage.
@@ -243,7 +244,8 @@ def decode_units(batch: pa.Table, *, min_size: float, max_size: float, chunk: in
     for spec in batch.to_pylist():
         for rows in unit_rows(spec, chunk):
             with _max_image_pixels(max_pixels):
-                yield preprocess_images_batch(rows, min_size=min_size, max_size=max_size)
+                decoded = preprocess_images_batch(rows, min_size=min_size, max_size=max_size)
+            yield decoded
 
 
 # ---------------------------------------------------------------------------------- detector
@@ -377,7 +379,7 @@ class RunStats:
     errors: int
     parts: int
     seconds: float  # pipeline start to last part written
-    first_row_seconds: float | None  # pipeline start to the first prediction row (actor start-up, warm-up)
+    first_row_seconds: float | None  # pipeline start to the first prediction rows (actor start-up, warm-up)
 
 
 def run_inference(pending: list[dict], output: str, checkpoint, model_name: str, options: InferenceOptions) -> RunStats:

@@ -121,14 +121,19 @@ def prepare(
 
 
 def _run_tasks(images: str, out: storage.Location, records: list[dict], ranges, strict: bool, progress) -> list[dict]:
-    """Run one Ray task per shard, at most ~2 per CPU in flight, reporting progress as they finish."""
+    """Run one Ray task per shard, one per logical CPU in flight, reporting progress.
+
+    Not more: a queued task makes Ray start another worker process (~100 MB) early, and each
+    running task holds up to one shard. Peak memory is thus about (CPUs x shard) plus Ray's
+    own processes, whatever the number of images.
+    """
     import ray
 
     from pipelines.ray_runtime import ensure_ray
 
     ensure_ray()
     task = ray.remote(num_cpus=1)(write_one_shard)
-    max_in_flight = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
+    max_in_flight = max(1, int(ray.available_resources().get("CPU", 1)))
     results: list[dict | None] = [None] * len(ranges)
     pending: dict = {}
     next_shard, done_images, started = 0, 0, time.monotonic()

@@ -179,6 +179,7 @@ def preprocess_batch(
     train: bool,
     seed: int = 0,
     epoch: int = 0,
+    execution: int = 0,
     scale_jitter: tuple[float, float] | None = None,
     flip_prob: float = 0.5,
 ) -> dict[str, np.ndarray]:
@@ -187,7 +188,8 @@ def preprocess_batch(
     Targets are made vectorized for the whole batch (crowd boxes dropped, category ids mapped
     to contiguous labels = position in the sorted `category_ids`); decode/resize/flip are per
     image because images differ in size. Randomness (flip, scale jitter) comes from a
-    generator seeded by (seed, epoch, image_id), so it does not depend on block boundaries.
+    generator seeded by (seed, epoch, execution, image_id), so it does not depend on block
+    boundaries or scheduling; `execution` counts the passes over one dataset (see datasets.py).
     Rows whose bytes do not decode are dropped with a warning instead of stopping the run.
     """
     sorted_ids = np.asarray(sorted(category_ids), np.int64)
@@ -209,7 +211,7 @@ def preprocess_batch(
     image_ids = batch["image_id"].to_numpy()
     for i, data in enumerate(batch["image"].to_pylist()):
         image_id = int(image_ids[i])
-        rng = np.random.default_rng([seed, epoch, image_id & 0x7FFFFFFFFFFFFFFF])
+        rng = np.random.default_rng([seed, epoch, execution, image_id & 0x7FFFFFFFFFFFFFFF])
         lo, hi = scale_jitter if (train and scale_jitter) else (1.0, 1.0)
         factor = float(rng.uniform(lo, hi)) if hi > lo else lo
         try:

@@ -179,9 +179,8 @@ def test_missing_output_bucket_exits_2(s3_server, synth_coco, capsys):
 def test_coco128_keeps_everything(ray_local, shared_data, tmp_path):
     src = shared_data / "coco128"
     annotations = src / "annotations" / "instances_train2017.json"
-    manifest = main(["--images", str(src / "train2017"), "--annotations", str(annotations),
-                     "--output", str(tmp_path / "coco128"), "--images-per-shard", "50"])
-    assert manifest == 0
+    assert main(["--images", str(src / "train2017"), "--annotations", str(annotations),
+                 "--output", str(tmp_path / "coco128"), "--images-per-shard", "50"]) == 0
     rows, manifest = read_shards(str(tmp_path / "coco128"))
     coco = json.loads(annotations.read_text())
     assert manifest.num_images == len(rows) == 128 and manifest.num_empty_images == 2
