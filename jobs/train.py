@@ -23,7 +23,8 @@ from pipelines.errors import UserError
 DEFAULTS = dict(preset="tiny", num_workers=2, use_gpu=False, batch_size=8, epochs=None, max_steps=None, lr=None,
                 image_size=None, max_size=None, amp=None, init=None, checkpoint_every=100, keep=3, max_failures=0,
                 val_data=None, seed=0, log_every=20, warmup_steps=None, weight_decay=1e-4, cls_loss="focal",
-                num_cpus=None, name="retinanet", placement="PACK", scale_jitter=None, fail_at_step=None, debug_dir=None)
+                num_cpus=None, name="retinanet", placement="PACK", scale_jitter=None, fail_at_step=None, debug_dir=None,
+                repeat_factor_threshold=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 0)")
     p.add_argument("--cls-loss", choices=["focal", "seesaw"], help="classification loss (seesaw: long-tailed data)")
+    p.add_argument("--repeat-factor-threshold", type=float,
+                   help="LVIS repeat-factor sampling for long-tailed data, t (e.g. 0.001); off by default")
     p.add_argument("--scale-jitter", type=float, nargs=2, metavar=("LO", "HI"), help="random image scale factor range")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default min(1000, steps / 10))")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay (default 1e-4)")
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     min_size = options["image_size"] or retinanet.preset(options["preset"]).min_size
     max_size = options["max_size"] or int(round(min_size * 1333 / 800))
     train_ds, manifest = detection_dataset(options["data"], image_size=min_size, max_size=max_size, train=True,
-                                           seed=options["seed"], scale_jitter=options["scale_jitter"])
+                                           seed=options["seed"], scale_jitter=options["scale_jitter"],
+                                           repeat_factor_threshold=options["repeat_factor_threshold"])
     steps_per_epoch = manifest.num_images // (workers * batch)
     if steps_per_epoch < 1:
         raise UserError(f"{options['data']}: {manifest.num_images} images are fewer than one global batch "

@@ -59,6 +59,7 @@ def detection_dataset(
     scale_jitter: tuple[float, float] | None = None,
     flip_prob: float = 0.5,
     batch_size: int = 16,
+    repeat_factor_threshold: float | None = None,
 ) -> tuple[ray.data.Dataset, Manifest]:
     """Rows for `collate_detection_batch` from shards or a COCO layout, plus the dataset's manifest.
 
@@ -68,6 +69,8 @@ def detection_dataset(
     jitter, yet reproducibly: the n-th pass of a dataset built with (seed, epoch) is always the
     same, using Ray's own execution counter. Build one dataset per `epoch` to pin an epoch.
     A COCO layout is shuffled once per (seed, epoch), not per pass.
+    `repeat_factor_threshold=t` (training, shards) repeats images of rare categories, LVIS's
+    repeat-factor sampling (`pipelines.sampling`), deterministically by (seed, epoch).
     """
     if storage.exists(shards.manifest_uri(uri)):
         manifest = read_manifest(uri)
@@ -83,6 +86,13 @@ def detection_dataset(
     else:
         raise UserError(f"{uri}: neither a shards folder (manifest.json) nor a COCO layout "
                         f"({COCO_IMAGES}/ + {COCO_ANNOTATIONS}); run jobs.prepare or jobs.synth")
+    if train and repeat_factor_threshold:
+        from pipelines.evaluation_report import train_image_counts
+        from pipelines.sampling import category_repeat_factors, repeat_rows
+
+        factors = category_repeat_factors(train_image_counts(uri), manifest.num_images, repeat_factor_threshold)
+        ds = ds.map_batches(repeat_rows, batch_format="pyarrow",
+                            fn_kwargs={"factors": factors, "seed": seed, "epoch": epoch})
     # A read task yields one big block per ~128 MiB of shards; cut it into small blocks so that
     # decoding spreads over every CPU instead of running in one task.
     ds = ds.repartition(target_num_rows_per_block=batch_size).map_batches(

@@ -36,3 +36,21 @@ def test_deterministic_by_seed_and_epoch():
     assert a != repeat_rows(table, factors, seed=1, epoch=1)["image_id"].to_pylist()
     assert a != repeat_rows(table, factors, seed=2, epoch=0)["image_id"].to_pylist()
     assert sorted(set(a)) == list(range(2000)), "every image stays at least once"
+
+
+def test_training_stream_repeats_rare_images(ray_local, tmp_path):
+    from jobs import prepare
+    from pipelines.datasets import detection_dataset
+    from pipelines.synth import write_synth
+
+    write_synth(str(tmp_path / "lt"), num_images=60, image_size=64, num_classes=4, long_tail=50, seed=5,
+                progress=lambda line: None)
+    assert prepare.main(["--images", str(tmp_path / "lt" / "images"), "--annotations",
+                         str(tmp_path / "lt" / "annotations.json"), "--output", str(tmp_path / "shards")]) == 0
+    plain, manifest = detection_dataset(str(tmp_path / "shards"), image_size=64, max_size=64, train=True)
+    repeated, _ = detection_dataset(str(tmp_path / "shards"), image_size=64, max_size=64, train=True,
+                                    repeat_factor_threshold=0.3)
+    plain_ids = [int(i) for i in plain.select_columns(["image_id"]).to_pandas()["image_id"]]
+    repeated_ids = [int(i) for i in repeated.select_columns(["image_id"]).to_pandas()["image_id"]]
+    assert sorted(plain_ids) == sorted(set(plain_ids)) and len(plain_ids) == manifest.num_images - manifest.issues.get("corrupt_image", 0)
+    assert set(repeated_ids) == set(plain_ids) and len(repeated_ids) > len(plain_ids)
