@@ -129,9 +129,10 @@ def s3_run(ray_local, s3_server, checkpoint, tmp_path_factory):
     bucket = f"infer-{os.getpid()}-{int(time.time())}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     sizes = write_inputs(f"s3://{bucket}/in")
-    argv = ["--model", str(checkpoint), "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out",
+    put(f"s3://{bucket}/model.pt", checkpoint.read_bytes())
+    argv = ["--model", f"s3://{bucket}/model.pt", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out",
             "--num-actors", "2", "--batch-size", "4", "--unit-size", "4", "--image-size", "64"]
-    return {"argv": argv, "sizes": sizes, "output": f"s3://{bucket}/out"}
+    return {"argv": argv, "sizes": sizes, "input": f"s3://{bucket}/in/", "output": f"s3://{bucket}/out"}
 
 
 def test_one_row_per_input_errors_only_on_bad_files(s3_run, capsys):
@@ -147,7 +148,7 @@ def test_one_row_per_input_errors_only_on_bad_files(s3_run, capsys):
     assert table.num_rows == len(rows) == len(s3_run["sizes"]) == 17  # each input once, notes.txt not an input
     assert set(rows) == set(s3_run["sizes"])
     failed = {u for u, r in rows.items() if r["error"] is not None}
-    assert failed == {f"{s3_run['output'][:-4]}/in/{name}" for name in BAD}
+    assert failed == {s3_run["input"] + name for name in BAD}
     for uri, row in rows.items():
         assert row["image_id"] is None and row["model"].startswith(s3_run["argv"][1] + "@sha256:")
         if uri in failed:
@@ -160,7 +161,7 @@ def test_one_row_per_input_errors_only_on_bad_files(s3_run, capsys):
         assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= row["width"]).all() and (boxes[:, [1, 3]] <= row["height"]).all()
         assert all(d["score"] >= 0.05 and {"id": d["category_id"], "name": d["category"]} in CATEGORIES for d in dets)
         assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
-    prefix = f"{s3_run['output'][:-4]}/in/"
+    prefix = s3_run["input"]
     # One picture, three encodings (8-bit gray, 16-bit gray, RGB): one set of detections.
     assert same_detections(rows[prefix + "modes/gray.png"]["detections"], rows[prefix + "modes/gray16.png"]["detections"])
     assert same_detections(rows[prefix + "modes/gray.png"]["detections"], rows[prefix + "modes/gray-as-rgb.png"]["detections"])
@@ -178,6 +179,36 @@ def test_rerun_skips_finished_parts_and_refuses_other_settings(s3_run, capsys):
     assert after == before
     assert exit_code(s3_run["argv"] + ["--score-threshold", "0.3"]) == 2
     assert "score_thresh" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- parts from repeated rows
+def test_part_writer_drops_repeated_rows_and_writes_whole_units_in_order(tmp_path):
+    """A retried task (lost actor) sends rows again and in any order: each unit is written once,
+    complete and in input order; rows of an already finished unit are ignored."""
+    def rows(unit, indexes):
+        n = len(indexes)
+        return pa.table({
+            "unit": pa.array([unit] * n, pa.int64()), "index": pa.array(indexes, pa.int32()),
+            "image_id": pa.nulls(n, pa.int64()), "uri": [f"u{unit}-{i}" for i in indexes],
+            "width": pa.array([10] * n, pa.int32()), "height": pa.array([10] * n, pa.int32()),
+            "detections": predictions.detections_array(np.zeros(n, int), np.ones(n, bool), np.zeros((0, 4)),
+                                                       np.zeros(0), np.zeros(0, int), CATEGORIES),
+            "error": pa.nulls(n, pa.string()), "model": ["m"] * n})
+
+    writer = predictions.PartWriter(str(tmp_path), {3: 3, 4: 2})
+    writer.add(pa.concat_tables([rows(3, [2, 0]), rows(4, [1])]))
+    writer.add(rows(3, [0, 2, 2]))  # a retry: nothing new
+    assert not list(tmp_path.iterdir())
+    writer.add(pa.concat_tables([rows(4, [0, 1]), rows(3, [1, 1])]))
+    writer.add(rows(4, [0]))  # after its unit was written
+    writer.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [predictions.part_name(3), predictions.part_name(4)]
+    assert predictions.read_part(str(tmp_path / predictions.part_name(3)))["uri"].to_pylist() == ["u3-0", "u3-1", "u3-2"]
+    assert (writer.images, writer.parts, writer.errors) == (5, 2, 0)
+    incomplete = predictions.PartWriter(str(tmp_path / "other"), {0: 2})
+    incomplete.add(rows(0, [1]))
+    with pytest.raises(RuntimeError, match="incomplete"):
+        incomplete.finish()
 
 
 # --------------------------------------------------------------------- kill the driver, rerun
