@@ -50,7 +50,6 @@ def in_memory_batches(shards: str, args) -> list[dict]:
     table = pq.read_table(os.path.join(shards, manifest.shards[0]["file"]))
     rows = preprocess_batch(table.slice(0, args.batch * 4), category_ids=manifest.category_ids, min_size=args.size,
                             max_size=int(round(args.size * 1333 / 800)), train=True, seed=0, epoch=0)
-    rows = {name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names}
     return [collate_detection_batch({k: v[i * args.batch:(i + 1) * args.batch] for k, v in rows.items()})
             for i in range(4)], manifest.num_classes
 
