@@ -3,7 +3,8 @@
     .venv/bin/python bench/infer.py [--num-images 1000] [--memory-images 1000 10000]
     python bench/infer.py --device cuda [--preset r50 --image-size 800 --amp bf16]   # GPU box, no Ray
 
-Figures (the issue's targets in brackets); results go to bench/results/infer-<device>.json:
+Figures (the issue's targets in brackets); results go to bench/results/infer-cpu.json (1, 2)
+and infer-<device>-device.json (3):
 1. pipeline efficiency (CPU, tiny preset): images/s of `jobs.infer` on a local Ray (1 detector
    actor with every core's torch threads, decode tasks beside it) over a folder of JPEGs, end to
    end and in steady state (the difference between runs over N and N/5 images, so start-up
@@ -262,7 +263,7 @@ def main() -> None:
         print(f"3. {fig['device']}: {fig['preset']} at {fig['image_size']} px, amp {fig['amp']}, batch "
               f"{fig['batch_size']}: {fig['images_per_s']:.1f} images/s [>= 200], GPU busy "
               f"{fig['gpu_util_pct'] if fig['gpu_util_pct'] is not None else '-'} % [>= 80]")
-        (results_dir / f"infer-{args.device}.json").write_text(json.dumps(fig, indent=1) + "\n")
+        (results_dir / f"infer-{args.device}-device.json").write_text(json.dumps(fig, indent=1) + "\n")
         return None
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-infer-"))

@@ -5,7 +5,7 @@
 --images is what jobs.infer read: with a shards folder the image bytes come from the shards (by
 image id); with a folder/prefix or a COCO layout from each row's `uri`. Images are drawn in the
 orientation the detector saw (EXIF applied), at most 2048 px on the longer side; rows with an
-`error` are skipped. Reads only the first --limit rows, however large the predictions.
+`error` are skipped. Part files are read only until --limit rows are found.
 """
 from __future__ import annotations
 

@@ -149,6 +149,9 @@ def test_one_row_per_input_errors_only_on_bad_files(s3_run, capsys):
     assert set(rows) == set(s3_run["sizes"])
     failed = {u for u, r in rows.items() if r["error"] is not None}
     assert failed == {s3_run["input"] + name for name in BAD}
+    assert "empty file" in rows[s3_run["input"] + "bad/zero.png"]["error"]
+    assert "truncated" in rows[s3_run["input"] + "bad/truncated.jpg"]["error"]
+    assert all(rows[u]["error"].startswith("cannot decode: ") for u in failed)
     for uri, row in rows.items():
         assert row["image_id"] is None and row["model"].startswith(s3_run["argv"][1] + "@sha256:")
         if uri in failed:
