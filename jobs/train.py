@@ -122,6 +122,25 @@ def plot_loss_curve(metrics_uri: str, png_uri: str) -> None:
     storage.write_bytes_atomic(png_uri, buffer.getvalue())
 
 
+def repeated_schedule(options: dict, num_images: int, plain_steps: int, plain_max_steps: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) when repeat-factor sampling lengthens every epoch.
+
+    Each epoch's length is known exactly up front (`sampling.epoch_sizes`); an epoch has as
+    many steps as the shortest planned one gives, so no rank runs out of data mid-epoch.
+    --epochs counts repeated epochs; --max-steps stays as given.
+    """
+    from pipelines.evaluation_report import category_image_pairs, train_image_counts
+    from pipelines.sampling import category_repeat_factors, epoch_sizes
+
+    pairs = category_image_pairs(options["data"])
+    factors = category_repeat_factors(train_image_counts(options["data"]), num_images,
+                                      options["repeat_factor_threshold"])
+    epochs = -(-plain_max_steps // plain_steps) + 2  # epochs are never shorter than without repeats
+    global_batch = options["num_workers"] * options["batch_size"]
+    steps = int(epoch_sizes(pairs, num_images, factors, options["seed"], range(epochs)).min()) // global_batch
+    return steps, options["max_steps"] or max(1, int(round(options["epochs"] * steps)))
+
+
 def main(argv: list[str] | None = None) -> int:
     options = resolve_options(argv)
     import ray
@@ -147,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{options['data']}: {manifest.num_images} images are fewer than one global batch "
                         f"({workers} workers x {batch}); lower --batch-size or --num-workers")
     max_steps = options["max_steps"] or max(1, int(round(options["epochs"] * steps_per_epoch)))
+    if options["repeat_factor_threshold"]:
+        steps_per_epoch, max_steps = repeated_schedule(options, manifest.num_images, steps_per_epoch, max_steps)
     datasets = {"train": train_ds}
     if options["val_data"]:
         datasets["val"], _ = detection_dataset(options["val_data"], image_size=min_size, max_size=max_size, train=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -197,7 +198,7 @@ def train_loop(cfg: dict) -> None:
             if cfg.get("fail_at_step") == step and rank == world - 1 and not storage.exists(failure_marker(cfg)):
                 storage.write_bytes_atomic(failure_marker(cfg), b"injected")
                 os._exit(1)  # a worker dies mid-run: Ray restarts the group from the last checkpoint
-            window.add(len(images) * world, {"loss": float(loss), **{k: float(v) for k, v in losses.items()}})
+            window.add(len(images) * world, {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
 
             end_of_epoch = index + 1 == steps_per_epoch
             checkpoint_now = step % cfg["checkpoint_every"] == 0 or step == total
@@ -211,8 +212,10 @@ def train_loop(cfg: dict) -> None:
                              "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch}
                 if rank == 0:
                     log.append(metrics)
-                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                          flush=True)
+                    # straight to the stream: Ray Train's patched print() would show the line twice
+                    sys.stdout.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in metrics.items()) + "\n")
+                    sys.stdout.flush()
                 _report(metrics, rank, state)
                 if rank == 0 and step == total:
                     final = retinanet.checkpoint_bytes(model, step=step, metrics=metrics,

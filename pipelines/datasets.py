@@ -70,7 +70,7 @@ def detection_dataset(
     same, using Ray's own execution counter. Build one dataset per `epoch` to pin an epoch.
     A COCO layout is shuffled once per (seed, epoch), not per pass.
     `repeat_factor_threshold=t` (training, shards) repeats images of rare categories, LVIS's
-    repeat-factor sampling (`pipelines.sampling`), deterministically by (seed, epoch).
+    repeat-factor sampling (`pipelines.sampling`), deterministically by (seed, epoch + pass).
     """
     if storage.exists(shards.manifest_uri(uri)):
         manifest = read_manifest(uri)
@@ -79,8 +79,8 @@ def detection_dataset(
         fs, _ = storage.arrow_filesystem(uri)
         paths = [storage.resolve(u).path for u in shards.shard_uris(uri, manifest)]
         shuffle = ray.data.FileShuffleConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=True)
-        ds = read_shards(paths, fs, shuffle=shuffle if train else None,
-                         columns=["image_id", "image", "boxes", "category_id", "iscrowd"])
+        ds = read_shards(paths, fs, shuffle=shuffle if train else None).select_columns(
+            ["image_id", "image", "boxes", "category_id", "iscrowd"])
     elif storage.exists(storage.resolve(uri).join(COCO_ANNOTATIONS).uri()):
         ds, manifest = coco_layout_dataset(uri, shuffle_seed=epoch_seed(seed, epoch) if train else None)
     else:
@@ -88,10 +88,10 @@ def detection_dataset(
                         f"({COCO_IMAGES}/ + {COCO_ANNOTATIONS}); run jobs.prepare or jobs.synth")
     if train and repeat_factor_threshold:
         from pipelines.evaluation_report import train_image_counts
-        from pipelines.sampling import category_repeat_factors, repeat_rows
+        from pipelines.sampling import category_repeat_factors
 
         factors = category_repeat_factors(train_image_counts(uri), manifest.num_images, repeat_factor_threshold)
-        ds = ds.map_batches(repeat_rows, batch_format="pyarrow",
+        ds = ds.map_batches(_repeat_pass, batch_format="pyarrow",
                             fn_kwargs={"factors": factors, "seed": seed, "epoch": epoch})
     # A read task yields one big block per ~128 MiB of shards; cut it into small blocks so that
     # decoding spreads over every CPU instead of running in one task.
@@ -108,6 +108,15 @@ def _preprocess_pass(batch: pa.Table, **kwargs) -> dict[str, np.ndarray]:
     dataset in its context, which tasks inherit; Ray's own random ops seed the same way)."""
     execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
     return preprocess_batch(batch, execution=execution, **kwargs)
+
+
+def _repeat_pass(batch: pa.Table, factors: dict[int, float], seed: int, epoch: int) -> pa.Table:
+    """`repeat_rows` with new coins on every pass: pass n of a dataset built for `epoch` draws
+    as epoch + n (`sampling.epoch_sizes` gives the resulting epoch lengths)."""
+    from pipelines.sampling import repeat_rows
+
+    execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
+    return repeat_rows(batch, factors, seed=seed, epoch=epoch + execution)
 
 
 def read_shards(paths: list[str], filesystem, **read_parquet_args) -> ray.data.Dataset:

@@ -90,9 +90,14 @@ def train_image_counts(uri: str) -> dict[int, int]:
             return {int(c["id"]): int(c["image_count"]) for c in categories}
         raise UserError(f"{uri}: no per-category training image counts; give the training COCO json, "
                         "a json whose categories carry 'image_count', or the jobs.prepare output folder")
+    return _images_per_category(category_image_pairs(uri))
+
+
+def category_image_pairs(uri: str) -> np.ndarray:
+    """(category_id, image_id) of every annotation in the jobs.prepare output at `uri`."""
     manifest = shards.read_manifest(uri)
     pairs = [_category_image_pairs(shard) for shard in shards.shard_uris(uri, manifest)]
-    return _images_per_category(np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64))
+    return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
 
 
 def _category_image_pairs(shard_uri: str) -> np.ndarray:

@@ -30,22 +30,45 @@ def _uniform(image_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def _box_factors(category_ids: np.ndarray, factors: dict[int, float]) -> np.ndarray:
+    """r_c of each box's category (1 for categories the factors do not list)."""
+    keys = np.array(sorted(factors), dtype=np.int64)
+    values = np.array([factors[k] for k in keys.tolist()], dtype=np.float64)
+    if not len(keys):
+        return np.ones(len(category_ids))
+    position = np.clip(np.searchsorted(keys, category_ids), 0, len(keys) - 1)
+    return np.where(keys[position] == category_ids, values[position], 1.0)
+
+
+def _draw_counts(per_image: np.ndarray, image_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """floor(r_i), plus one where the (seed, epoch, image id) coin falls under r_i's fraction."""
+    whole = np.floor(per_image)
+    return (whole + (_uniform(np.asarray(image_ids), seed, epoch) < per_image - whole)).astype(np.int64)
+
+
 def image_repeat_counts(category_ids: pa.ChunkedArray | pa.Array, image_ids: np.ndarray,
                         factors: dict[int, float], seed: int, epoch: int) -> np.ndarray:
     """How many times each image appears this epoch: floor(r_i) or floor(r_i) + 1."""
     lists = category_ids.combine_chunks() if isinstance(category_ids, pa.ChunkedArray) else category_ids
     flat = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
     parents = pc.list_parent_indices(lists).to_numpy()
-    keys = np.array(sorted(factors), dtype=np.int64)
-    values = np.array([factors[k] for k in keys.tolist()], dtype=np.float64)
-    per_box = np.ones(len(flat))
-    if len(keys):
-        position = np.clip(np.searchsorted(keys, flat), 0, len(keys) - 1)
-        per_box = np.where(keys[position] == flat, values[position], 1.0)
     per_image = np.ones(len(image_ids))
-    np.maximum.at(per_image, parents, per_box)
-    whole = np.floor(per_image)
-    return (whole + (_uniform(np.asarray(image_ids), seed, epoch) < per_image - whole)).astype(np.int64)
+    np.maximum.at(per_image, parents, _box_factors(flat, factors))
+    return _draw_counts(per_image, image_ids, seed, epoch)
+
+
+def epoch_sizes(category_image_pairs: np.ndarray, num_images: int, factors: dict[int, float],
+                seed: int, epochs: range) -> np.ndarray:
+    """Rows of the repeated stream in each of `epochs`, exactly what `repeat_rows` yields.
+
+    `category_image_pairs` holds (category_id, image_id) per annotation; images without one
+    appear once. Training needs the shortest epoch to fix its steps per epoch up front.
+    """
+    image_ids, image_index = np.unique(category_image_pairs[:, 1], return_inverse=True)
+    per_image = np.ones(len(image_ids))
+    np.maximum.at(per_image, image_index, _box_factors(category_image_pairs[:, 0], factors))
+    unlabeled = num_images - len(image_ids)
+    return np.array([unlabeled + _draw_counts(per_image, image_ids, seed, e).sum() for e in epochs], dtype=np.int64)
 
 
 def repeat_rows(batch: pa.Table, factors: dict[int, float], seed: int = 0, epoch: int = 0) -> pa.Table:

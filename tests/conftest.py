@@ -71,9 +71,9 @@ def ray_local(s3_server):
     """One local Ray instance for the whole session (started after the S3 variables are set)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from pipelines.ray_runtime import ensure_ray
+
+    ensure_ray(4, progress_bars=False)
     yield ray
     ray.shutdown()
 

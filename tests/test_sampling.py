@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.sampling import category_repeat_factors, image_repeat_counts, repeat_rows
+from pipelines.sampling import category_repeat_factors, epoch_sizes, image_repeat_counts, repeat_rows
 
 
 def test_category_factors_follow_lvis_formula():
@@ -38,19 +38,64 @@ def test_deterministic_by_seed_and_epoch():
     assert sorted(set(a)) == list(range(2000)), "every image stays at least once"
 
 
-def test_training_stream_repeats_rare_images(ray_local, tmp_path):
+def test_epoch_sizes_are_what_repeat_rows_yields():
+    table = _table()
+    factors = {1: 1.0, 3: 2.5}
+    lists = table["category_id"].combine_chunks()
+    pairs = np.stack([pa.compute.list_flatten(lists).to_numpy().astype(np.int64),
+                      table["image_id"].to_numpy()[pa.compute.list_parent_indices(lists).to_numpy()]], axis=1)
+    sizes = epoch_sizes(pairs, table.num_rows, factors, seed=3, epochs=range(4))
+    assert sizes.tolist() == [repeat_rows(table, factors, seed=3, epoch=e).num_rows for e in range(4)]
+    assert len(set(sizes.tolist())) > 1, "each epoch draws its own coins"
+
+
+@pytest.fixture(scope="module")
+def long_tail_shards(ray_local, tmp_path_factory):
     from jobs import prepare
-    from pipelines.datasets import detection_dataset
     from pipelines.synth import write_synth
 
-    write_synth(str(tmp_path / "lt"), num_images=60, image_size=64, num_classes=4, long_tail=50, seed=5,
+    root = tmp_path_factory.mktemp("long_tail")
+    write_synth(str(root / "lt"), num_images=60, image_size=64, num_classes=4, long_tail=50, seed=5,
                 progress=lambda line: None)
-    assert prepare.main(["--images", str(tmp_path / "lt" / "images"), "--annotations",
-                         str(tmp_path / "lt" / "annotations.json"), "--output", str(tmp_path / "shards")]) == 0
-    plain, manifest = detection_dataset(str(tmp_path / "shards"), image_size=64, max_size=64, train=True)
-    repeated, _ = detection_dataset(str(tmp_path / "shards"), image_size=64, max_size=64, train=True,
+    assert prepare.main(["--images", str(root / "lt" / "images"), "--annotations",
+                         str(root / "lt" / "annotations.json"), "--output", str(root / "shards")]) == 0
+    return str(root / "shards")
+
+
+def test_training_stream_repeats_rare_images(long_tail_shards):
+    from pipelines.datasets import detection_dataset
+    from pipelines.evaluation_report import category_image_pairs, train_image_counts
+
+    plain, manifest = detection_dataset(long_tail_shards, image_size=64, max_size=64, train=True)
+    repeated, _ = detection_dataset(long_tail_shards, image_size=64, max_size=64, train=True,
                                     repeat_factor_threshold=0.3)
     plain_ids = [int(i) for i in plain.select_columns(["image_id"]).to_pandas()["image_id"]]
     repeated_ids = [int(i) for i in repeated.select_columns(["image_id"]).to_pandas()["image_id"]]
-    assert sorted(plain_ids) == sorted(set(plain_ids)) and len(plain_ids) == manifest.num_images - manifest.issues.get("corrupt_image", 0)
+    assert sorted(plain_ids) == sorted(set(plain_ids)) and len(plain_ids) == manifest.num_images
     assert set(repeated_ids) == set(plain_ids) and len(repeated_ids) > len(plain_ids)
+    # every pass over one dataset (an epoch of a Train run) draws anew, as jobs.train plans it
+    passes = [sorted(int(i) for b in repeated.iter_batches(batch_format="pyarrow") for i in b["image_id"].to_pylist())
+              for _ in range(3)]
+    factors = category_repeat_factors(train_image_counts(long_tail_shards), manifest.num_images, 0.3)
+    planned = epoch_sizes(category_image_pairs(long_tail_shards), manifest.num_images, factors, 0, range(4))
+    assert [len(p) for p in passes] in (planned[:3].tolist(), planned[1:].tolist())
+    assert len({tuple(p) for p in passes}) > 1
+
+
+def test_seesaw_training_with_repeat_factor_sampling(long_tail_shards, tmp_path):
+    """jobs.train plans its epochs from the repeated stream and keeps Seesaw's class counts."""
+    import json
+
+    import retinanet
+    from jobs import train
+
+    output = tmp_path / "run"
+    assert train.main(["--data", long_tail_shards, "--output", str(output), "--cls-loss", "seesaw",
+                       "--repeat-factor-threshold", "0.3", "--epochs", "2", "--num-workers", "1",
+                       "--batch-size", "8", "--image-size", "64", "--log-every", "100"]) == 0
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    epoch_ends = [m for m in metrics if "step" in m]
+    assert [m["epoch"] for m in epoch_ends] == [0, 1]
+    assert epoch_ends[1]["step"] == 2 * epoch_ends[0]["step"] > 2 * 60 // 8, "epochs hold the repeated images"
+    model, _ = retinanet.load_checkpoint(str(output / "model.pt"))
+    assert model.config.cls_loss == "seesaw" and float(model.class_counts.sum()) > 0
