@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train.torch import TorchTrainer
 
     from jobs.train_loop import train_loop
-    from pipelines.datasets import detection_dataset
+    from pipelines.datasets import detection_dataset, training_input_kind
     from pipelines.ray_runtime import ensure_ray
 
+    for data in filter(None, (options["data"], options["val_data"])):
+        training_input_kind(data)  # a wrong path fails here, before Ray starts
     output = storage.resolve(options["output"])
     storage.ensure_dir(output.uri())
     ensure_ray(options["num_cpus"])

@@ -55,7 +55,7 @@ def first_rows(uri: str, limit: int) -> list[dict]:
 
 def fetch_images(images_uri: str, rows: list[dict]) -> list[bytes | Exception]:
     """Encoded bytes of each row: from the shards by image id, else from the row's own uri."""
-    if inference.input_kind(images_uri) == "shards":
+    if shards.input_kind(images_uri) == "shards":
         import pyarrow.dataset as pads
 
         fs, _ = storage.arrow_filesystem(images_uri)

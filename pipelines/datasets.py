@@ -21,14 +21,12 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines import coco, shards, storage
 from pipelines.errors import UserError
-from pipelines.shards import Manifest, read_manifest  # noqa: F401 - part of this module's interface
+from pipelines.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES, Manifest, input_kind, read_manifest
 from pipelines.transforms import collate_detection_batch, preprocess_batch
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ROWS_PER_BLOCK = 64
-COCO_ANNOTATIONS, COCO_IMAGES = "annotations.json", "images"
 _FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
@@ -72,7 +70,8 @@ def detection_dataset(
     `repeat_factor_threshold=t` (training, shards) repeats images of rare categories, LVIS's
     repeat-factor sampling (`pipelines.sampling`), deterministically by (seed, epoch + pass).
     """
-    if storage.exists(shards.manifest_uri(uri)):
+    kind = training_input_kind(uri)
+    if kind == "shards":
         manifest = read_manifest(uri)
         if not manifest.shards:
             raise UserError(f"{uri}: the manifest lists no shards; rerun jobs.prepare")
@@ -81,12 +80,11 @@ def detection_dataset(
         shuffle = ray.data.FileShuffleConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=True)
         ds = read_shards(paths, fs, shuffle=shuffle if train else None).select_columns(
             ["image_id", "image", "boxes", "category_id", "iscrowd"])
-    elif storage.exists(storage.resolve(uri).join(COCO_ANNOTATIONS).uri()):
-        ds, manifest = coco_layout_dataset(uri, shuffle_seed=epoch_seed(seed, epoch) if train else None)
     else:
-        raise UserError(f"{uri}: neither a shards folder (manifest.json) nor a COCO layout "
-                        f"({COCO_IMAGES}/ + {COCO_ANNOTATIONS}); run jobs.prepare or jobs.synth")
+        ds, manifest = coco_layout_dataset(uri, shuffle_seed=epoch_seed(seed, epoch) if train else None)
     if train and repeat_factor_threshold:
+        if kind != "shards":
+            raise UserError(f"{uri}: repeat-factor sampling reads category counts from shards; run jobs.prepare")
         from pipelines.evaluation_report import train_image_counts
         from pipelines.sampling import category_repeat_factors
 
@@ -101,6 +99,15 @@ def detection_dataset(
                    "train": train, "seed": seed, "epoch": epoch, "scale_jitter": scale_jitter,
                    "flip_prob": flip_prob})
     return ds, manifest
+
+
+def training_input_kind(uri: str) -> str:
+    """"shards" or "coco"; anything else is a UserError (checked before a job starts Ray)."""
+    kind = input_kind(uri)
+    if kind == "images":
+        raise UserError(f"{uri}: neither a shards folder (manifest.json) nor a COCO layout "
+                        f"({COCO_IMAGES}/ + {COCO_ANNOTATIONS}); run jobs.prepare or jobs.synth")
+    return kind
 
 
 def _preprocess_pass(batch: pa.Table, **kwargs) -> dict[str, np.ndarray]:

@@ -33,14 +33,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import predictions, shards, storage
+from pipelines.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES
 from pipelines.errors import UserError
 from pipelines.transforms import preprocess_images_batch
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "_infer_plan.json"  # leading "_": Parquet/Hive readers skip it
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # as pipelines.datasets (which imports Ray at load)
-COCO_ANNOTATIONS, COCO_IMAGES = "annotations.json", "images"
 DECODE_CHUNK = 16  # images per yield: Ray Data cuts a unit's pixels into blocks of its target size
 MAX_IMAGE_PIXELS = 300_000_000  # PIL's bomb guard (89M) would reject a 10000x10000 photo
 # What a decode task may hold (a chunk of resized images plus one full-size decode). Declaring it
@@ -72,17 +71,9 @@ def unit_size_of(spec: dict) -> int:
     return spec["stop"] - spec["start"] if "shard" in spec else len(spec["uris"])
 
 
-def input_kind(uri: str) -> str:
-    if uri.rstrip("/").endswith(shards.MANIFEST) or storage.exists(shards.manifest_uri(uri)):
-        return "shards"
-    if storage.exists(storage.resolve(uri).join(COCO_ANNOTATIONS).uri()):
-        return "coco"
-    return "images"
-
-
 def plan_input(uri: str, unit_size: int) -> InputPlan:
     """Cut an input (shards folder, COCO layout, or folder/prefix of images) into units."""
-    kind = input_kind(uri)
+    kind = shards.input_kind(uri)
     digest = hashlib.sha256()
     units: list[dict] = []
     if kind == "shards":

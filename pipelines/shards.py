@@ -20,6 +20,9 @@ from pipelines import storage
 from pipelines.errors import UserError
 
 MANIFEST = "manifest.json"
+# The other inputs jobs accept: a COCO layout (images/ + annotations.json) and plain image files.
+COCO_ANNOTATIONS, COCO_IMAGES = "annotations.json", "images"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 FORMAT_VERSION = 1
 ROW_GROUP_IMAGES = 64  # small row groups let readers stream a shard instead of loading it whole
 
@@ -65,6 +68,15 @@ class Manifest:
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
+
+
+def input_kind(uri: str) -> str:
+    """"shards" (jobs.prepare output), "coco" (a COCO layout) or "images" (anything else)."""
+    if str(uri).rstrip("/").endswith(MANIFEST) or storage.exists(manifest_uri(uri)):
+        return "shards"
+    if storage.exists(storage.resolve(uri).join(COCO_ANNOTATIONS).uri()):
+        return "coco"
+    return "images"
 
 
 def manifest_uri(uri: str) -> str:

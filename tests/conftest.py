@@ -98,3 +98,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present (developer machines and CI only)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A `ray start --head` (4 CPUs, token auth) in its own process group, for job submission.
+
+    Separate from `ray_local`: jobs submitted to it run in their own drivers, as on a cluster.
+    """
+    from ray_head import running_head
+
+    try:
+        with running_head(num_cpus=4) as head:
+            yield head
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

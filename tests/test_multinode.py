@@ -26,11 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from multinode_driver import INFER_UNIT, NUM_IMAGES
-from test_submit import _clean_env, _free_port, _kill_head  # same head/cleanup approach as jobs.submit's tests
+from ray_head import clean_env, stop_head
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).resolve().parent / "multinode_driver.py"
-VENV_BIN = Path(sys.executable).parent
 DRIVER_TIMEOUT_S = 540
 
 pytestmark = pytest.mark.slow
@@ -52,7 +51,7 @@ def multinode(tmp_path_factory):
     """Run the driver once; yield its result.json, work dir and log. Its cluster is gone by then."""
     work = tmp_path_factory.mktemp("multinode")
     temp_dir = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths are limited
-    env = _clean_env(RAY_TMPDIR=temp_dir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+    env = clean_env(RAY_TMPDIR=temp_dir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
                      RAY_USAGE_STATS_ENABLED="0")
     log_path = work / "driver.log"
     started = time.monotonic()
@@ -65,7 +64,7 @@ def multinode(tmp_path_factory):
             pass
         finally:
             timed_out = proc.poll() is None
-            _kill_head(proc, temp_dir)  # the driver's group (cluster, jobs.infer) and stragglers
+            stop_head(proc, temp_dir)  # the driver's group (cluster, jobs.infer) and stragglers
             shutil.rmtree(temp_dir, ignore_errors=True)
     result_path = work / "result.json"
     result = json.loads(result_path.read_text()) if result_path.is_file() else {"timings": {}}
@@ -140,48 +139,6 @@ SUBMIT_IMAGES = 16
 
 
 @pytest.fixture(scope="module")
-def head():
-    """A local head with 4 CPUs (room for Ray Data besides Train workers) that requires a token."""
-    token = secrets.token_hex(16)
-    temp_dir = tempfile.mkdtemp(prefix="rmh", dir="/tmp")
-    dashboard_port = _free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=4",
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--port={_free_port()}", f"--dashboard-port={dashboard_port}",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           *(f"--{flag}={_free_port()}" for flag in (
-               "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-               "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port",
-               "node-manager-port", "object-manager-port"))]
-    log_path = Path(f"{temp_dir}.log")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=_clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        import requests
-
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited: {_tail(log_path, 2000)}")
-            try:
-                if requests.get(f"{address}/api/authentication_mode", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the Ray dashboard did not come up in 120 s")
-            time.sleep(0.5)
-        yield {"address": address, "token": token}
-    finally:
-        _kill_head(proc, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        log_path.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory):
     """A synthetic COCO layout (jobs.train reads it as is) and an untrained checkpoint."""
     import retinanet
@@ -195,10 +152,10 @@ def job_inputs(tmp_path_factory):
     return root
 
 
-def _submit_job(head, job: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "jobs.submit", "--address", head["address"], "--requirements", "none",
+def _submit_job(ray_head, job: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "jobs.submit", "--address", ray_head["address"], "--requirements", "none",
            "--working-dir", str(REPO), "--submit-timeout", "180", "--", *job]
-    return subprocess.run(cmd, cwd=REPO, env=_clean_env(RAY_AUTH_TOKEN=head["token"]), capture_output=True,
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(RAY_AUTH_TOKEN=ray_head["token"]), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -206,10 +163,10 @@ def _shown(r: subprocess.CompletedProcess) -> str:
     return f"exit {r.returncode}\n--- stdout\n{r.stdout[-5000:]}\n--- stderr\n{r.stderr[-5000:]}"
 
 
-def test_submitted_training_job_succeeds_and_writes_its_model(head, job_inputs, tmp_path):
+def test_submitted_training_job_succeeds_and_writes_its_model(ray_head, job_inputs, tmp_path):
     # One Train worker: workers across nodes are the Cluster test's; this one is about the route.
     out = tmp_path / "train"
-    r = _submit_job(head, ["python", "-m", "jobs.train", "--data", str(job_inputs / "synth"), "--output", str(out),
+    r = _submit_job(ray_head, ["python", "-m", "jobs.train", "--data", str(job_inputs / "synth"), "--output", str(out),
                            "--num-workers", "1", "--batch-size", "4", "--max-steps", "2", "--image-size", "96",
                            "--log-every", "1", "--checkpoint-every", "2"])
     assert r.returncode == 0, _shown(r)
@@ -217,9 +174,9 @@ def test_submitted_training_job_succeeds_and_writes_its_model(head, job_inputs, 
     assert (out / "model.pt").is_file() and (out / "metrics.jsonl").is_file()
 
 
-def test_submitted_inference_job_succeeds_and_writes_one_row_per_image(head, job_inputs, tmp_path):
+def test_submitted_inference_job_succeeds_and_writes_one_row_per_image(ray_head, job_inputs, tmp_path):
     out = tmp_path / "predictions"
-    r = _submit_job(head, ["python", "-m", "jobs.infer", "--model", str(job_inputs / "model.pt"),
+    r = _submit_job(ray_head, ["python", "-m", "jobs.infer", "--model", str(job_inputs / "model.pt"),
                            "--input", str(job_inputs / "synth" / "images"), "--output", str(out),
                            "--batch-size", "4", "--unit-size", "8"])
     assert r.returncode == 0, _shown(r)
@@ -229,9 +186,9 @@ def test_submitted_inference_job_succeeds_and_writes_one_row_per_image(head, job
     assert table.num_rows == len(set(table.column("uri").to_pylist())) == SUBMIT_IMAGES
 
 
-def test_failing_job_makes_submit_exit_non_zero_and_shows_the_error(head, tmp_path):
+def test_failing_job_makes_submit_exit_non_zero_and_shows_the_error(ray_head, tmp_path):
     missing = tmp_path / "no-such-shards"
-    r = _submit_job(head, ["python", "-m", "jobs.train", "--data", str(missing), "--output", str(tmp_path / "out"),
+    r = _submit_job(ray_head, ["python", "-m", "jobs.train", "--data", str(missing), "--output", str(tmp_path / "out"),
                            "--max-steps", "1"], timeout=240)
     assert r.returncode == 2, _shown(r)  # the job's own exit code: a user error
     assert "FAILED (exit code 2)" in r.stderr, _shown(r)

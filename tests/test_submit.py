@@ -1,19 +1,10 @@
-"""jobs.submit against a real Ray head started here with `ray start --head`, with token auth on.
-
-The head gets its own temp dir, free ports for every listener and an explicit token, so it
-neither collides with nor touches other Ray instances on this machine (nor ~/.ray/auth_token);
-teardown kills only its own process group and processes naming its temp dir.
-"""
+"""jobs.submit against a real Ray head started with `ray start --head` (the session's `ray_head`
+fixture, shared with test_multinode), with token auth on."""
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,86 +13,9 @@ import pytest
 
 from jobs import submit
 from pipelines.errors import UserError
+from ray_head import clean_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any Ray address/auth settings, plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "AWS_"))}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-def _kill_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    """Stop this head only: its process group, then stragglers that name its temp dir."""
-    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            if temp_dir.encode() in (pid_dir / "cmdline").read_bytes():
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def head():
-    """A local Ray head (2 CPUs, dashboard on 127.0.0.1) that requires a token."""
-    token = secrets.token_hex(16)
-    temp_dir = tempfile.mkdtemp(prefix="rsub", dir="/tmp")  # short: socket paths are limited
-    dashboard_port = _free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--port={_free_port()}", f"--dashboard-port={dashboard_port}",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           *(f"--{flag}={_free_port()}" for flag in (
-               "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-               "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port",
-               "node-manager-port", "object-manager-port"))]
-    log = open(f"{temp_dir}.log", "w")
-    proc = subprocess.Popen(cmd, env=_clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        import requests
-
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited: {Path(f'{temp_dir}.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{address}/api/authentication_mode", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the Ray dashboard did not come up in 90 s")
-            time.sleep(0.5)
-        yield {"address": address, "token": token}
-    finally:
-        _kill_head(proc, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        Path(f"{temp_dir}.log").unlink(missing_ok=True)
 
 
 def _submit(args: list[str], env: dict[str, str], timeout: float = 120):
@@ -115,20 +29,20 @@ def _stderr_lines(result) -> list[str]:
 
 # --- against the real head --------------------------------------------------------------------
 
-def test_trivial_job_succeeds_and_streams_its_logs(head):
-    r = _submit(["--address", head["address"], "--requirements", "none", "--",
+def test_trivial_job_succeeds_and_streams_its_logs(ray_head):
+    r = _submit(["--address", ray_head["address"], "--requirements", "none", "--",
                  "python", "-c", "print('hello from the job')"],
-                _clean_env(RAY_AUTH_TOKEN=head["token"]))
+                clean_env(RAY_AUTH_TOKEN=ray_head["token"]))
     assert r.returncode == 0, r.stderr
     assert "hello from the job" in r.stdout
     assert "submitted job raysubmit_" in r.stderr
     assert "SUCCEEDED" in r.stderr
 
 
-def test_failing_job_exits_with_its_code_and_shows_the_error(head):
+def test_failing_job_exits_with_its_code_and_shows_the_error(ray_head):
     code = "import sys; print('boom: the reason', file=sys.stderr); sys.exit(3)"
-    r = _submit(["--address", head["address"], "--requirements", "none", "--",
-                 "python", "-c", code], _clean_env(RAY_AUTH_TOKEN=head["token"]))
+    r = _submit(["--address", ray_head["address"], "--requirements", "none", "--",
+                 "python", "-c", code], clean_env(RAY_AUTH_TOKEN=ray_head["token"]))
     assert r.returncode == 3, r.stderr
     assert "FAILED (exit code 3)" in r.stderr
     # The tail of the job's error is on submit's own stderr, not only in the streamed logs.
@@ -136,7 +50,7 @@ def test_failing_job_exits_with_its_code_and_shows_the_error(head):
     assert "boom: the reason" in error_part
 
 
-def test_runtime_env_excludes_data_and_forwards_env_without_printing_secrets(head, tmp_path):
+def test_runtime_env_excludes_data_and_forwards_env_without_printing_secrets(ray_head, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "big.bin").write_bytes(b"x" * 1000)
     (tmp_path / ".venv").mkdir()
@@ -155,9 +69,9 @@ def test_runtime_env_excludes_data_and_forwards_env_without_printing_secrets(hea
         "assert os.environ['AWS_ENDPOINT_URL'] == 'http://127.0.0.1:9'\n"
         "assert os.environ['GREETING'] == 'a=b'\n"
         "print('checks passed')\n")
-    env = _clean_env(RAY_AUTH_TOKEN=head["token"], AWS_SECRET_ACCESS_KEY="sekrit-value-42",
+    env = clean_env(RAY_AUTH_TOKEN=ray_head["token"], AWS_SECRET_ACCESS_KEY="sekrit-value-42",
                      AWS_ENDPOINT_URL="http://127.0.0.1:9")
-    r = _submit(["--address", head["address"], "--working-dir", str(tmp_path),
+    r = _submit(["--address", ray_head["address"], "--working-dir", str(tmp_path),
                  "--requirements", "none", "--env", "GREETING=a=b", "--",
                  "python", "check.py"], env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -166,23 +80,23 @@ def test_runtime_env_excludes_data_and_forwards_env_without_printing_secrets(hea
     assert "sekrit-value-42" not in r.stderr + r.stdout  # ... the value never
 
 
-def test_token_from_home_file_and_no_wait(head, tmp_path):
+def test_token_from_home_file_and_no_wait(ray_head, tmp_path):
     (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text(head["token"] + "\n")
-    r = _submit(["--address", head["address"], "--requirements", "none", "--no-wait", "--",
-                 "python", "-c", "print(1)"], _clean_env(HOME=str(tmp_path)))
+    (tmp_path / ".ray" / "auth_token").write_text(ray_head["token"] + "\n")
+    r = _submit(["--address", ray_head["address"], "--requirements", "none", "--no-wait", "--",
+                 "python", "-c", "print(1)"], clean_env(HOME=str(tmp_path)))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith("raysubmit_")  # only the id on stdout: scriptable
-    assert head["token"] not in r.stdout + r.stderr
+    assert ray_head["token"] not in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("token_env, expect", [
     ({}, "requires a Ray auth token"),
     ({"RAY_AUTH_TOKEN": "not-the-token"}, "rejected our Ray auth token"),
 ])
-def test_missing_or_wrong_token_is_a_one_line_user_error(head, tmp_path, token_env, expect):
-    env = _clean_env(HOME=str(tmp_path), **token_env)  # empty HOME: no ~/.ray/auth_token
-    r = _submit(["--address", head["address"], "--requirements", "none", "--",
+def test_missing_or_wrong_token_is_a_one_line_user_error(ray_head, tmp_path, token_env, expect):
+    env = clean_env(HOME=str(tmp_path), **token_env)  # empty HOME: no ~/.ray/auth_token
+    r = _submit(["--address", ray_head["address"], "--requirements", "none", "--",
                  "python", "-c", "print(1)"], env, timeout=60)
     assert r.returncode == 2
     lines = _stderr_lines(r)
@@ -193,8 +107,8 @@ def test_missing_or_wrong_token_is_a_one_line_user_error(head, tmp_path, token_e
 
 def test_unreachable_address_is_a_one_line_user_error():
     start = time.monotonic()
-    r = _submit(["--address", f"http://127.0.0.1:{_free_port()}", "--", "python", "-c", "1"],
-                _clean_env(RAY_ADDRESS="http://127.0.0.1:1"), timeout=60)
+    r = _submit(["--address", f"http://127.0.0.1:{free_port()}", "--", "python", "-c", "1"],
+                clean_env(RAY_ADDRESS="http://127.0.0.1:1"), timeout=60)
     assert r.returncode == 2
     lines = _stderr_lines(r)
     assert len(lines) == 1 and "cannot reach the Ray Jobs API" in lines[0], r.stderr

@@ -6,6 +6,7 @@ command with more steps and must continue from the saved step and optimizer stat
 """
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -117,3 +118,16 @@ def test_bad_input_is_a_user_error(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("learning_rate: 3\n")
     with pytest.raises(UserError, match="unknown options"):
         train.resolve_options(["--config", str(tmp_path / "c.yaml"), "--data", "x", "--output", "y"])
+
+
+def test_missing_data_fails_before_ray_starts(tmp_path):
+    """A wrong --data is reported at once, not after starting a Ray instance (seconds) for it."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-shards"
+    r = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(missing), "--output", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items()
+                                                                         if not k.startswith("RAY_")})
+    assert r.returncode == 2 and str(missing) in r.stderr and "run jobs.prepare" in r.stderr
+    assert not (tmp_path / "out").exists(), "nothing was started or written"
