@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--repeat-factor-threshold", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="jobs.train --seed (initialization and data order)")
     parser.add_argument("--output", default=None, help="folder for data, runs and results.json (default: a temp dir)")
     args = parser.parse_args()
     work = args.output or tempfile.mkdtemp(prefix="bench-longtail-")
@@ -72,7 +73,8 @@ def main() -> None:
         out = os.path.join(work, f"run-{loss}")
         argv = ["--data", shards, "--output", out, "--cls-loss", loss, "--max-steps", str(args.steps),
                 "--num-workers", str(args.num_workers), "--batch-size", str(args.batch_size),
-                "--image-size", str(args.size), "--checkpoint-every", str(args.steps), "--log-every", "50"]
+                "--image-size", str(args.size), "--checkpoint-every", str(args.steps), "--log-every", "50",
+                "--seed", str(args.seed)]
         if args.repeat_factor_threshold:
             argv += ["--repeat-factor-threshold", str(args.repeat_factor_threshold)]
         assert train.main(argv) == 0
@@ -88,7 +90,9 @@ def main() -> None:
     for loss, r in results.items():
         print(f"{loss:8s}" + "".join(f"{r[k]:13.3f}" if r.get(k) is not None else f"{'-':>13s}"
                                      for k in ("AP", "AP50", "AP_rare", "AP_common", "AP_frequent")))
-    json.dump(results, open(os.path.join(work, "results.json"), "w"), indent=1)
+    settings = {k: v for k, v in vars(args).items() if k != "output"}
+    json.dump({"settings": settings, "train_images_per_category": counts, **results},
+              open(os.path.join(work, "results.json"), "w"), indent=1)
     print(f"results: {os.path.join(work, 'results.json')}", file=sys.stderr)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 LOCAL_MIN_CPUS = 4
 
@@ -36,9 +37,10 @@ def ensure_ray(num_cpus: int | None = None, progress_bars: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False)
         return
-    port = free_port()
-    ray.init(address="local", num_cpus=num_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1),
+    port, cpus = free_port(), num_cpus or max(LOCAL_MIN_CPUS, os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=cpus,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
              configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = progress_bars
+    print(f"local Ray instance: {cpus} logical CPUs, dashboard http://127.0.0.1:{port}", file=sys.stderr, flush=True)
