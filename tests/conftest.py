@@ -100,11 +100,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head():
     """A `ray start --head` (4 CPUs, token auth) in its own process group, for job submission.
 
     Separate from `ray_local`: jobs submitted to it run in their own drivers, as on a cluster.
+    Module-scoped on purpose: with it left running (session scope), a later local jobs.train
+    run once hung in Ray Train's controller before starting its workers (not diagnosed).
     """
     from ray_head import running_head
 

@@ -1,5 +1,5 @@
-"""jobs.submit against a real Ray head started with `ray start --head` (the session's `ray_head`
-fixture, shared with test_multinode), with token auth on."""
+"""jobs.submit against a real Ray head started with `ray start --head` (the `ray_head`
+fixture), with token auth on."""
 from __future__ import annotations
 
 import os
