@@ -71,9 +71,12 @@ def ray_local(s3_server):
     """One local Ray instance for the whole session (started after the S3 variables are set)."""
     import ray
 
-    from pipelines.ray_runtime import ensure_ray
-
-    ensure_ray(4, progress_bars=False)
+    # Deliberately not pipelines.ray_runtime.ensure_ray (tested in test_ray_runtime): with its
+    # dashboard and runtime env in this long-lived driver, a later jobs.train in the suite twice
+    # hung with its controller's run() task never scheduled (not diagnosed).
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
