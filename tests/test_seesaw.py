@@ -1,4 +1,5 @@
 """Seesaw Loss (Wang et al.) and the decoupled-objectness RetinaNet that uses it."""
+import json
 import math
 
 import pytest
@@ -90,7 +91,7 @@ def test_cosine_logits_are_bounded_by_temperature():
     assert logits.abs().max() <= 5.0 + 1e-4 and logits.abs().max() > 0.5
 
 
-def _ddp_worker(rank, world, port, results):
+def _ddp_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = retinanet.build("tiny", num_classes=3, cls_loss="seesaw").train()
@@ -104,18 +105,19 @@ def _ddp_worker(rank, world, port, results):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    results[rank] = model.class_counts.tolist()
+    (out_dir / f"rank-{rank}.json").write_text(json.dumps(model.class_counts.tolist()))
     dist.destroy_process_group()
 
 
-def test_class_counts_summed_across_ddp_workers():
+def test_class_counts_summed_across_ddp_workers(tmp_path):
+    """Workers are spawned (not forked) and report through files: forking the test process,
+    which holds the session's Ray driver, once cost a later test its Ray connection."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    results = {rank: json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)}
     assert results[0] == results[1]
     assert all(c > 0 for c in results[0]), "classes seen by either worker are counted on both"
