@@ -71,9 +71,10 @@ def ray_local(s3_server):
     """One local Ray instance for the whole session (started after the S3 variables are set)."""
     import ray
 
-    # Deliberately not pipelines.ray_runtime.ensure_ray (tested in test_ray_runtime): with its
-    # dashboard and runtime env in this long-lived driver, a later jobs.train in the suite twice
-    # hung with its controller's run() task never scheduled (not diagnosed).
+    # As in the suites that passed, not pipelines.ray_runtime.ensure_ray (tested on its own in
+    # test_ray_runtime): with it, a later jobs.train here twice hung, its controller's run()
+    # task never scheduled. Likelier cause, since removed: test_seesaw forked this process
+    # (a multiprocessing Manager) while it held the Ray driver. Not proven either way.
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
