@@ -38,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from pipelines.inference import CALLS_PER_GPU  # noqa: E402 - after the path set-up
+from pipelines.inference.bulk import CALLS_PER_GPU  # noqa: E402 - after the path set-up
 
 
 def write_images(folder: Path, count: int, height: int, width: int) -> list[Path]:
@@ -71,7 +71,7 @@ def predict_loop(checkpoint: Path, paths: list[Path], batch: int, size: int) -> 
     import torch
 
     import retinanet
-    from pipelines.transforms import decode_image
+    from pipelines.images.transforms import decode_image
 
     model, _ = retinanet.load_checkpoint(str(checkpoint))
     images = [torch.from_numpy(decode_image(p.read_bytes()).copy()).permute(2, 0, 1) for p in paths]
@@ -177,7 +177,7 @@ def device_run(args) -> dict:
     import pyarrow as pa
     import torch
 
-    from pipelines.inference import Detector, decode_units
+    from pipelines.inference.bulk import Detector, decode_units
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-infer-"))
     paths = write_images(workdir / "images", min(args.num_images, 512), 480, 640)

@@ -5,7 +5,7 @@
 
 Figures, side by side (the issue's targets in brackets):
 1. images/s of shards on S3 -> decode -> resize -> flip -> collated batches, through
-   `pipelines.datasets.detection_dataset` on `--cpus` Ray CPUs, against a torch `DataLoader`
+   `pipelines.training.datasets.detection_dataset` on `--cpus` Ray CPUs, against a torch `DataLoader`
    with `--cpus` workers that GETs each image from the same S3 (one object per request) and
    decodes it with PIL, then resizes/flips/collates with the same functions [>= 1.5x].
 2. the same figure against what the `tiny` preset consumes in training here (images/s of
@@ -117,7 +117,7 @@ def measured(fn, roots) -> tuple[float, float]:
 def make_dataset(args, bucket: str) -> str:
     """Source images + json on S3 (synthetic shapes, or a local COCO folder uploaded)."""
     from pipelines import storage
-    from pipelines.synth import write_synth
+    from pipelines.formats.synth import write_synth
 
     src = f"s3://{bucket}/source"
     if args.coco:
@@ -135,7 +135,7 @@ def make_dataset(args, bucket: str) -> str:
 
 def ray_epoch(shards_uri: str, epoch: int, args) -> int:
     """One epoch through detection_dataset -> iter_torch_batches(DetectionCollate); returns images."""
-    from pipelines.datasets import DetectionCollate, detection_dataset
+    from pipelines.training.datasets import DetectionCollate, detection_dataset
 
     count = 0
     ds, _ = detection_dataset(shards_uri, image_size=args.resize, max_size=args.max_size, train=True,
@@ -165,7 +165,7 @@ class S3Images:
         import boto3
         from PIL import Image
 
-        from pipelines.transforms import hflip, resize_boxes, resize_image
+        from pipelines.images.transforms import hflip, resize_boxes, resize_image
 
         if self.client is None:  # one client per DataLoader worker, made after the fork
             self.client = boto3.client("s3")
@@ -183,7 +183,7 @@ class S3Images:
 
 
 def collate_rows(rows):
-    from pipelines.transforms import collate_detection_batch
+    from pipelines.images.transforms import collate_detection_batch
 
     batch = {}
     for key in rows[0]:
@@ -241,7 +241,7 @@ def tiny_training_rate(steps: int = 8, batch_size: int = 8) -> tuple[float, floa
 
 def prepare_peak_memory(num_images: int, workdir: Path, images_per_shard: int) -> dict:
     """Run jobs.prepare in a fresh process (its own local Ray) and sample its memory."""
-    from pipelines.synth import write_synth
+    from pipelines.formats.synth import write_synth
 
     src = workdir / f"synth-{num_images}"
     if not (src / "annotations.json").exists():
@@ -290,7 +290,7 @@ def main() -> None:
         src = make_dataset(args, bucket)
         ray.init(num_cpus=args.cpus, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        from pipelines.prepare import prepare
+        from pipelines.formats.prepare import prepare
 
         manifest = prepare(f"{src}/images", f"{src}/annotations.json", f"s3://{bucket}/shards",
                            images_per_shard=128, progress=lambda _: None)

@@ -20,10 +20,10 @@ import torch
 
 import retinanet
 from jobs import prepare, train
-from pipelines import evaluation
-from pipelines.evaluation_report import frequency_ap, train_image_counts
-from pipelines.synth import write_synth
-from pipelines.transforms import decode_image
+from pipelines.evaluation import scoring as evaluation
+from pipelines.evaluation.report import frequency_ap, train_image_counts
+from pipelines.formats.synth import write_synth
+from pipelines.images.transforms import decode_image
 
 
 def predictions(model, root: str) -> np.ndarray:

@@ -27,8 +27,8 @@ from model import torchvision_twin  # noqa: E402
 
 import retinanet  # noqa: E402
 from jobs import prepare, train  # noqa: E402
-from pipelines.synth import write_synth  # noqa: E402
-from pipelines.transforms import collate_detection_batch, preprocess_batch  # noqa: E402
+from pipelines.formats.synth import write_synth  # noqa: E402
+from pipelines.images.transforms import collate_detection_batch, preprocess_batch  # noqa: E402
 
 
 def run_job(shards: str, out: str, args) -> float:
@@ -44,7 +44,7 @@ def in_memory_batches(shards: str, args) -> list[dict]:
     """Collated batches exactly as the job's pipeline produces them, decoded beforehand."""
     import pyarrow.parquet as pq
 
-    from pipelines.shards import read_manifest
+    from pipelines.formats.shards import read_manifest
 
     manifest = read_manifest(shards)
     table = pq.read_table(os.path.join(shards, manifest.shards[0]["file"]))

@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from jobs.cli import run
-from pipelines import evaluation as ev
-from pipelines import evaluation_report as report
+from pipelines.evaluation import scoring as ev
+from pipelines.evaluation import report
 from pipelines.errors import UserError
 
 _ERRORS_IN_REPORT = 1000  # error rows listed in report.json (all are counted)

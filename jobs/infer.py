@@ -17,7 +17,9 @@ import os
 import sys
 
 from jobs.cli import run
-from pipelines import inference, predictions, storage
+from pipelines.inference import bulk as inference
+from pipelines.inference import predictions
+from pipelines import storage
 from pipelines.errors import UserError
 
 TORCHVISION_PREFIX = "torchvision:"

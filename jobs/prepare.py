@@ -14,7 +14,7 @@ import json
 import sys
 
 from jobs.cli import run
-from pipelines.prepare import DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES, prepare
+from pipelines.formats.prepare import DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import argparse
 import json
 
 from jobs.cli import run
-from pipelines.synth import SHAPES, write_synth
+from pipelines.formats.synth import SHAPES, write_synth
 
 
 def build_parser() -> argparse.ArgumentParser:

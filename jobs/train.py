@@ -129,8 +129,8 @@ def repeated_schedule(options: dict, num_images: int, plain_steps: int, plain_ma
     many steps as the shortest planned one gives, so no rank runs out of data mid-epoch.
     --epochs counts repeated epochs; --max-steps stays as given.
     """
-    from pipelines.evaluation_report import category_image_pairs, train_image_counts
-    from pipelines.sampling import category_repeat_factors, epoch_sizes
+    from pipelines.evaluation.report import category_image_pairs, train_image_counts
+    from pipelines.training.sampling import category_repeat_factors, epoch_sizes
 
     pairs = category_image_pairs(options["data"])
     factors = category_repeat_factors(train_image_counts(options["data"]), num_images,
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train.torch import TorchTrainer
 
     from jobs.train_loop import train_loop
-    from pipelines.datasets import detection_dataset, training_input_kind
+    from pipelines.training.datasets import detection_dataset, training_input_kind
     from pipelines.ray_runtime import ensure_ray
 
     for data in filter(None, (options["data"], options["val_data"])):

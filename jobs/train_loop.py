@@ -22,8 +22,10 @@ import torch
 
 import retinanet
 from retinanet.weights import load_checkpoint
-from pipelines import evaluation, shards, storage
-from pipelines.datasets import DetectionCollate
+from pipelines.evaluation import scoring as evaluation
+from pipelines.formats import shards
+from pipelines import storage
+from pipelines.training.datasets import DetectionCollate
 
 STATE_FILE = "train_state.pt"
 

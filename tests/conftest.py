@@ -88,7 +88,7 @@ SYNTH_IMAGES, SYNTH_CLASSES, SYNTH_SIZE = 24, 3, 128
 @pytest.fixture(scope="session")
 def synth_coco(tmp_path_factory) -> Path:
     """A small synthetic shapes set in COCO layout (images/ + annotations.json), built once."""
-    from pipelines.synth import write_synth
+    from pipelines.formats.synth import write_synth
 
     root = tmp_path_factory.mktemp("synth_coco")
     write_synth(str(root), num_images=SYNTH_IMAGES, image_size=SYNTH_SIZE, num_classes=SYNTH_CLASSES,

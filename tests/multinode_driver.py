@@ -131,7 +131,7 @@ def run_infer_and_remove_node(cluster, workers, work: Path, result: Result) -> N
 
 def main(work: Path) -> int:
     from jobs import prepare, train
-    from pipelines.synth import write_synth
+    from pipelines.formats.synth import write_synth
 
     result = Result(work / "result.json")
     t = time.monotonic()

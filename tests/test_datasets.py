@@ -12,10 +12,10 @@ import ray
 from PIL import Image
 
 from pipelines import storage
-from pipelines.datasets import DetectionCollate, detection_dataset, image_files_dataset, read_manifest
+from pipelines.training.datasets import DetectionCollate, detection_dataset, image_files_dataset, read_manifest
 from pipelines.errors import UserError
-from pipelines.prepare import prepare
-from pipelines.transforms import preprocess_images_batch
+from pipelines.formats.prepare import prepare
+from pipelines.images.transforms import preprocess_images_batch
 
 IMAGE_SIZE = 96  # synth images are 128 px: every box scales by 0.75
 

@@ -1,4 +1,4 @@
-"""jobs.evaluate and pipelines.evaluation: pycocotools' exact numbers however predictions are split.
+"""jobs.evaluate and pipelines.evaluation.scoring: pycocotools' exact numbers however predictions are split.
 
 Prediction files are written here with pyarrow in the schema of DESIGN.md, so these tests need
 neither Ray nor jobs.infer. pycocotools, run on a merged results json, is the reference.
@@ -21,9 +21,9 @@ import pytest
 
 from jobs import evaluate as job
 from jobs.cli import run
-from pipelines import evaluation as ev
-from pipelines import evaluation_report as report
-from pipelines import shards
+from pipelines.evaluation import scoring as ev
+from pipelines.evaluation import report
+from pipelines.formats import shards
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = [0.5045806987249628, 0.6969727247299577, 0.5729816669904824, 0.5856257209410443,

@@ -26,8 +26,9 @@ from PIL import Image
 import retinanet
 from jobs import infer
 from jobs.cli import run
-from pipelines import predictions, storage
-from pipelines.inference import PLAN_FILE
+from pipelines.inference import predictions
+from pipelines import storage
+from pipelines.inference.bulk import PLAN_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"}]
@@ -264,7 +265,7 @@ def test_torchvision_state_dict_file_matches_predict(tmp_path):
     the size as predict on the same PIL-resized pixels, scaled by 2."""
     from torchvision.models.detection import retinanet_resnet50_fpn
 
-    from pipelines.inference import Detector, decode_units
+    from pipelines.inference.bulk import Detector, decode_units
 
     torch.manual_seed(1)
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5).eval()
@@ -298,7 +299,7 @@ def test_torchvision_state_dict_file_matches_predict(tmp_path):
 # ------------------------------------------------- shards in, COCO json and DuckDB out, evaluate
 @pytest.fixture(scope="module")
 def shards_run(ray_local, synth_coco, tmp_path_factory):
-    from pipelines.prepare import prepare
+    from pipelines.formats.prepare import prepare
 
     root = tmp_path_factory.mktemp("shards_run")
     manifest = prepare(str(synth_coco / "images"), str(synth_coco / "annotations.json"), str(root / "shards"),

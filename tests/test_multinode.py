@@ -142,7 +142,7 @@ SUBMIT_IMAGES = 16
 def job_inputs(tmp_path_factory):
     """A synthetic COCO layout (jobs.train reads it as is) and an untrained checkpoint."""
     import retinanet
-    from pipelines.synth import write_synth
+    from pipelines.formats.synth import write_synth
 
     root = tmp_path_factory.mktemp("submit_inputs")
     write_synth(str(root / "synth"), num_images=SUBMIT_IMAGES, image_size=96, num_classes=3, seed=1,

@@ -13,8 +13,8 @@ from PIL import Image
 from jobs.cli import run
 from jobs.prepare import main
 from pipelines import storage
-from pipelines.shards import SHARD_SCHEMA, read_manifest, shard_uris
-from pipelines.synth import write_synth
+from pipelines.formats.shards import SHARD_SCHEMA, read_manifest, shard_uris
+from pipelines.formats.synth import write_synth
 
 
 def read_shards(uri: str) -> tuple[list[dict], object]:

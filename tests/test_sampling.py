@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.sampling import category_repeat_factors, epoch_sizes, image_repeat_counts, repeat_rows
+from pipelines.training.sampling import category_repeat_factors, epoch_sizes, image_repeat_counts, repeat_rows
 
 
 def test_category_factors_follow_lvis_formula():
@@ -52,7 +52,7 @@ def test_epoch_sizes_are_what_repeat_rows_yields():
 @pytest.fixture(scope="module")
 def long_tail_shards(ray_local, tmp_path_factory):
     from jobs import prepare
-    from pipelines.synth import write_synth
+    from pipelines.formats.synth import write_synth
 
     root = tmp_path_factory.mktemp("long_tail")
     write_synth(str(root / "lt"), num_images=60, image_size=64, num_classes=4, long_tail=50, seed=5,
@@ -63,8 +63,8 @@ def long_tail_shards(ray_local, tmp_path_factory):
 
 
 def test_training_stream_repeats_rare_images(long_tail_shards):
-    from pipelines.datasets import detection_dataset
-    from pipelines.evaluation_report import category_image_pairs, train_image_counts
+    from pipelines.training.datasets import detection_dataset
+    from pipelines.evaluation.report import category_image_pairs, train_image_counts
 
     plain, manifest = detection_dataset(long_tail_shards, image_size=64, max_size=64, train=True)
     repeated, _ = detection_dataset(long_tail_shards, image_size=64, max_size=64, train=True,

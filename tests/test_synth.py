@@ -16,7 +16,7 @@ from PIL import Image
 from jobs.cli import run
 from jobs.synth import main
 from pipelines import storage
-from pipelines.synth import SHAPES, class_probabilities, generate_image, shape_mask, write_synth
+from pipelines.formats.synth import SHAPES, class_probabilities, generate_image, shape_mask, write_synth
 
 ROOT = Path(__file__).resolve().parents[1]
 

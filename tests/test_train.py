@@ -15,7 +15,7 @@ import retinanet
 from jobs import prepare, train
 from jobs.train_loop import STATE_FILE, lr_factor, momentum_checksum
 from pipelines import storage
-from pipelines.synth import write_synth
+from pipelines.formats.synth import write_synth
 
 
 @pytest.fixture(scope="module")

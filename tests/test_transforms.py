@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import shards
-from pipelines.transforms import (
+from pipelines.formats import shards
+from pipelines.images.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, collate_detection_batch, decode_image, hflip,
     load_resized, preprocess_batch, preprocess_images_batch, probe_image, resize_boxes, resize_image,
     resized_shape)

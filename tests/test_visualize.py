@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from jobs import visualize
-from pipelines import predictions, shards
-from pipelines.shards import Manifest
+from pipelines.inference import predictions
+from pipelines.formats import shards
+from pipelines.formats.shards import Manifest
 
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
 CAT, DOG = (visualize.PALETTE[3], visualize.PALETTE[7])

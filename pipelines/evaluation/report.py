@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import shards, storage
+from pipelines.formats import shards
+from pipelines import storage
 from pipelines.errors import UserError
-from pipelines.evaluation import STAT_NAMES, Evaluation, load_json
+from pipelines.evaluation.scoring import STAT_NAMES, Evaluation, load_json
 
 # LVIS (Gupta et al. 2019): rare 1-10 training images, common 11-100, frequent > 100.
 FREQUENCY_GROUPS = (("rare", 1, 10), ("common", 11, 100), ("frequent", 101, None))

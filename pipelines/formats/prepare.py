@@ -12,10 +12,12 @@ import sys
 import time
 from typing import Callable
 
-from pipelines import coco, shards, storage
-from pipelines.coco import Issues
+from pipelines.formats import coco
+from pipelines.formats import shards
+from pipelines import storage
+from pipelines.formats.coco import Issues
 from pipelines.errors import UserError
-from pipelines.transforms import ImageDecodeError, probe_image
+from pipelines.images.transforms import ImageDecodeError, probe_image
 
 DEFAULT_IMAGES_PER_SHARD = 1000
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20

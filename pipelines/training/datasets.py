@@ -19,10 +19,12 @@ import pyarrow as pa
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipelines import coco, shards, storage
+from pipelines.formats import coco
+from pipelines.formats import shards
+from pipelines import storage
 from pipelines.errors import UserError
-from pipelines.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES, Manifest, input_kind, read_manifest
-from pipelines.transforms import collate_detection_batch, preprocess_batch
+from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES, Manifest, input_kind, read_manifest
+from pipelines.images.transforms import collate_detection_batch, preprocess_batch
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def detection_dataset(
     same, using Ray's own execution counter. Build one dataset per `epoch` to pin an epoch.
     A COCO layout is shuffled once per (seed, epoch), not per pass.
     `repeat_factor_threshold=t` (training, shards) repeats images of rare categories, LVIS's
-    repeat-factor sampling (`pipelines.sampling`), deterministically by (seed, epoch + pass).
+    repeat-factor sampling (`pipelines.training.sampling`), deterministically by (seed, epoch + pass).
     """
     kind = training_input_kind(uri)
     if kind == "shards":
@@ -85,8 +87,8 @@ def detection_dataset(
     if train and repeat_factor_threshold:
         if kind != "shards":
             raise UserError(f"{uri}: repeat-factor sampling reads category counts from shards; run jobs.prepare")
-        from pipelines.evaluation_report import train_image_counts
-        from pipelines.sampling import category_repeat_factors
+        from pipelines.evaluation.report import train_image_counts
+        from pipelines.training.sampling import category_repeat_factors
 
         factors = category_repeat_factors(train_image_counts(uri), manifest.num_images, repeat_factor_threshold)
         ds = ds.map_batches(_repeat_pass, batch_format="pyarrow",
@@ -120,7 +122,7 @@ def _preprocess_pass(batch: pa.Table, **kwargs) -> dict[str, np.ndarray]:
 def _repeat_pass(batch: pa.Table, factors: dict[int, float], seed: int, epoch: int) -> pa.Table:
     """`repeat_rows` with new coins on every pass: pass n of a dataset built for `epoch` draws
     as epoch + n (`sampling.epoch_sizes` gives the resulting epoch lengths)."""
-    from pipelines.sampling import repeat_rows
+    from pipelines.training.sampling import repeat_rows
 
     execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
     return repeat_rows(batch, factors, seed=seed, epoch=epoch + execution)

@@ -32,10 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import predictions, shards, storage
-from pipelines.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES
+from pipelines.inference import predictions
+from pipelines.formats import shards
+from pipelines import storage
+from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES
 from pipelines.errors import UserError
-from pipelines.transforms import preprocess_images_batch
+from pipelines.images.transforms import preprocess_images_batch
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def plan_input(uri: str, unit_size: int) -> InputPlan:
 
 def _coco_inputs(uri: str) -> tuple[list[str], list[int]]:
     """(image URIs, image ids) of a COCO layout, sorted by image id; annotations are not needed."""
-    from pipelines import coco
+    from pipelines.formats import coco
 
     root = storage.resolve(uri)
     issues = coco.Issues()

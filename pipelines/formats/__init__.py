@@ -1,0 +1,1 @@
+"""Dataset formats on storage: COCO json, Parquet shards + manifest, preparing shards, synthetic shapes."""

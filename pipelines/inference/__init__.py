@@ -1,0 +1,1 @@
+"""Bulk detection on Ray Data: plan and units of work, detector actors, prediction parts."""
