@@ -1,24 +1,24 @@
 """Submit any job of this project to a Ray cluster through the Ray Jobs API and follow it.
 
     python -m jobs.submit --address http://HEAD:8265 [--working-dir .] [--env KEY=VALUE ...]
+        [--entrypoint-num-cpus N] [--entrypoint-num-gpus N] [--entrypoint-memory BYTES]
+        [--runtime-env-json JSON] [--forward-env NAME ...]
         [--requirements project|none|FILE] [--no-wait] -- python -m jobs.train --data ... --output ...
 
 Why not plain `ray job submit`: on Ray 2.60 it sends the cluster's token only when the client
 itself runs with RAY_AUTH_MODE=token; it lets RAY_ADDRESS silently override --address; a head
 that has just started answers "No available agent to submit job" for a while and the CLI gives
-up; it uploads the datasets and run outputs lying in the working dir unless told; and it exits
-1 whatever the job's own exit code was. This module does each of those the way our users need,
-and keeps the project's exit-code contract (0 ok, 2 user error in one line, 1 internal).
+up; its log stream goes silent when the connection drops; and it exits 1 whatever the job's
+own exit code was. This module does each of those the way our users need, keeps the project's
+exit-code contract (0 ok, 2 user error in one line, 1 internal), and otherwise takes the same
+flags (entrypoint resources, a runtime env in JSON, `.rayignore` in the working dir).
 
-Storage credentials travel as the job's environment variables (the caller's AWS_* keys, region
-and endpoint, not those naming local files), so a laptop pointed at MinIO/S3 and the cluster
-read the same URIs. Their values are never printed.
-On a cluster whose pods already hold credentials (cluster/kuberay), pass --no-forward-aws.
+No secret leaves this machine by default (see jobs/submit_env.py): only storage settings
+(endpoint, region) are forwarded; clusters hold their own credentials.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 import sys
@@ -28,27 +28,14 @@ from pathlib import Path
 from typing import Iterator
 
 from jobs.cli import run
+from jobs.submit_env import (FORWARD_WARNING, build_runtime_env, parse_env_pairs,
+                             parse_json_object)
+from jobs.submit_follow import follow
 from pipelines.errors import UserError
 
-# Paths of the working dir that never travel: datasets, virtual envs, run outputs, git history.
-# Anchored at the working dir ("/data", not "data") so that a package folder called data/
-# deeper down still travels. Ray also applies the working dir's .gitignore on top of these.
-WORKING_DIR_EXCLUDES = [
-    "/data", "/.venv", "/venv", "/outputs", "/out", "/.git",
-    "__pycache__", "*.egg-info", ".pytest_cache",
-]
 # The Jobs API answers 500 with this text while the head's agent is still starting.
 AGENT_NOT_READY = "No available agent to submit job"
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ERROR_TAIL_LINES = 25
-# AWS_* variables that name files or profiles of *this* machine. Forwarded, they would point
-# the cluster's S3 client at paths that do not exist there (botocore then fails on every call,
-# e.g. a missing AWS_CA_BUNDLE) or override the pod's own identity (IRSA sets its own
-# AWS_WEB_IDENTITY_TOKEN_FILE). Pass them with --env when the cluster really has them.
-LOCAL_ONLY_AWS = {
-    "AWS_CA_BUNDLE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "in the working dir's pyproject.toml (ray itself left out), 'none' = use the "
                    "cluster's Python as is (a local head sharing this venv, or an image with "
                    "the project baked in), or a requirements.txt path")
-    p.add_argument("--no-forward-aws", dest="forward_aws", action="store_false",
-                   help="do not copy this shell's AWS_* variables into the job")
+    p.add_argument("--no-forward-aws", dest="forward_settings", action="store_false",
+                   help="do not forward even this shell's storage settings (AWS_ENDPOINT_URL, "
+                   "AWS_REGION, AWS_DEFAULT_REGION); credentials are never forwarded by default")
+    p.add_argument("--forward-env", action="append", default=[], metavar="NAME",
+                   help="copy this shell's NAME into the job, secrets included (repeatable). "
+                   "Ray stores runtime envs in the job record and logs them on every node: "
+                   "prefer the cluster's own credentials (cluster/README.md)")
+    p.add_argument("--runtime-env-json", default=None, metavar="JSON",
+                   help="a runtime env merged over the project's: env_vars merged, excludes "
+                   "added, other keys (pip, working_dir, ...) replaced")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=None, metavar="N",
+                   help="CPUs reserved for the job's driver (its entrypoint); with none of the "
+                   "entrypoint resources the driver runs on the head")
+    p.add_argument("--entrypoint-num-gpus", type=float, default=None, metavar="N",
+                   help="GPUs reserved for the job's driver")
+    p.add_argument("--entrypoint-memory", type=int, default=None, metavar="BYTES",
+                   help="memory (bytes) reserved for the job's driver")
+    p.add_argument("--entrypoint-resources", default=None, metavar="JSON",
+                   help='custom resources for the driver, e.g. \'{"driver": 1}\'')
     p.add_argument("--submission-id", default=None, help="job id to use (default: generated)")
     p.add_argument("--no-wait", action="store_true",
                    help="print the job id and return without following the job")
@@ -95,63 +99,6 @@ def entrypoint_command(words: list[str]) -> str:
         raise UserError("nothing to submit: add the command after `--`, "
                         "e.g. `-- python -m jobs.train --data URI --output URI`")
     return words[0] if len(words) == 1 else shlex.join(words)
-
-
-def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--env {pair.split('=')[0]!r}: expected KEY=VALUE")
-        env[key] = value
-    return env
-
-
-def project_requirements(working_dir: Path) -> list[str]:
-    """The [project] dependencies of the working dir's pyproject.toml, without Ray.
-
-    Ray is left out on purpose: the job must run on the Ray the cluster already runs, and a pip
-    runtime env that reinstalls Ray at another version breaks the driver's connection.
-    """
-    pyproject = working_dir / "pyproject.toml"
-    if not pyproject.is_file():
-        raise UserError(f"--requirements project: no pyproject.toml in {working_dir}; "
-                        "pass --requirements FILE or --requirements none")
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        raise UserError("--requirements project needs Python >= 3.11 (tomllib); "
-                        "pass --requirements FILE instead") from None
-    deps = tomllib.loads(pyproject.read_text()).get("project", {}).get("dependencies", [])
-    return [d for d in deps if not _is_ray(d)]
-
-
-def _is_ray(requirement: str) -> bool:
-    name = requirement.strip()
-    for stop in "[<>=!~; ":
-        name = name.split(stop, 1)[0]
-    return name.lower() == "ray"
-
-
-def build_runtime_env(working_dir: Path, requirements: str, env: dict[str, str],
-                      forward_aws: bool) -> dict:
-    """The runtime env of the job: code, pip packages and environment variables."""
-    env_vars = {k: v for k, v in os.environ.items()
-                if forward_aws and k.startswith("AWS_") and k not in LOCAL_ONLY_AWS}
-    env_vars.update(env)
-    runtime_env: dict = {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES)}
-    if requirements == "project":
-        runtime_env["pip"] = project_requirements(working_dir)
-    elif requirements != "none":
-        path = Path(requirements)
-        if not path.is_file():
-            raise UserError(f"--requirements {requirements}: no such file "
-                            "(use 'project', 'none' or a requirements.txt path)")
-        runtime_env["pip"] = [line.strip() for line in path.read_text().splitlines()
-                              if line.strip() and not line.lstrip().startswith("#")]
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    return runtime_env
 
 
 def resolve_address(address: str | None) -> str:
@@ -242,8 +189,24 @@ def connect(address: str, headers: dict[str, str]):
         raise UserError(f"cannot reach the Ray Jobs API at {address}: {exc}") from None
 
 
+def entrypoint_resources(args) -> dict:
+    """The driver's resources, as `submit_job` takes them (only those given)."""
+    resources = {"entrypoint_num_cpus": args.entrypoint_num_cpus,
+                 "entrypoint_num_gpus": args.entrypoint_num_gpus,
+                 "entrypoint_memory": args.entrypoint_memory}
+    for flag, value in resources.items():
+        if value is not None and value < 0:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: must be >= 0")
+    if args.entrypoint_resources:
+        custom = parse_json_object(args.entrypoint_resources, "--entrypoint-resources")
+        if not all(isinstance(v, (int, float)) for v in custom.values()):
+            raise UserError("--entrypoint-resources: expected {\"NAME\": number, ...}")
+        resources["entrypoint_resources"] = custom
+    return {k: v for k, v in resources.items() if v is not None}
+
+
 def submit_with_retry(client, *, entrypoint: str, runtime_env: dict, submission_id: str | None,
-                      timeout: float, sleep=time.sleep) -> str:
+                      timeout: float, sleep=time.sleep, **resources) -> str:
     """Submit, retrying with exponential backoff while the head's agent is not ready yet."""
     from ray.exceptions import AuthenticationError
 
@@ -251,7 +214,7 @@ def submit_with_retry(client, *, entrypoint: str, runtime_env: dict, submission_
     while True:
         try:
             return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                     submission_id=submission_id)
+                                     submission_id=submission_id, **resources)
         except AuthenticationError:
             raise UserError("the cluster rejected our Ray auth token: set RAY_AUTH_TOKEN to "
                             "the cluster's token") from None
@@ -265,43 +228,6 @@ def submit_with_retry(client, *, entrypoint: str, runtime_env: dict, submission_
             _say(f"head not ready ({AGENT_NOT_READY!r}); retrying in {delay:.0f} s")
             sleep(delay)
             delay = min(delay * 2, 15.0)
-
-
-async def _stream_logs(client, job_id: str) -> None:
-    async for chunk in client.tail_job_logs(job_id):
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-
-
-def follow(client, job_id: str, poll_s: float = 1.0, patience_s: float = 60.0):
-    """Stream the job's logs to stdout until it ends; return its final JobInfo, or None when
-    the cluster stopped answering for `patience_s` (deleted, or the network went away).
-
-    The log stream closing is not proof that the job ended (a dropped websocket looks the same),
-    so the status is polled to a terminal state afterwards, printing the logs we did not stream
-    if the stream broke.
-    """
-    streamed = True
-    try:
-        asyncio.run(_stream_logs(client, job_id))
-    except Exception as exc:  # noqa: BLE001 - a broken stream must not lose the outcome
-        streamed = False
-        _say(f"log stream interrupted ({type(exc).__name__}); waiting for the job to end")
-    last_answer = time.monotonic()
-    while True:
-        try:
-            info = client.get_job_info(job_id)
-            last_answer = time.monotonic()
-            if _status(info) in TERMINAL:
-                break
-        except Exception:  # noqa: BLE001 - transient until patience runs out
-            if time.monotonic() - last_answer > patience_s:
-                return None
-        time.sleep(poll_s)
-    if not streamed:
-        sys.stdout.write(client.get_job_logs(job_id))
-        sys.stdout.flush()
-    return info
 
 
 def outcome(job_id: str, info) -> int:
@@ -324,9 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     working_dir = Path(args.working_dir).expanduser().resolve()
     if not working_dir.is_dir():
         raise UserError(f"--working-dir {args.working_dir}: no such directory")
-    runtime_env = build_runtime_env(working_dir, args.requirements, parse_env_pairs(args.env),
-                                    args.forward_aws)
+    runtime_env = build_runtime_env(
+        working_dir, args.requirements, parse_env_pairs(args.env),
+        forward_settings=args.forward_settings, forward_names=args.forward_env,
+        user_runtime_env=parse_json_object(args.runtime_env_json, "--runtime-env-json"))
+    resources = entrypoint_resources(args)
     address = resolve_address(args.address)
+    if args.forward_env:
+        _say("warning: " + FORWARD_WARNING.format(names=", ".join(args.forward_env)))
 
     headers = auth_headers(address, args.connect_timeout)
     client = connect(address, headers)
@@ -334,14 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     if runtime_env.get("env_vars"):  # names only: values may be secrets
         _say("job environment: " + ", ".join(sorted(runtime_env["env_vars"])))
     job_id = submit_with_retry(client, entrypoint=entrypoint, runtime_env=runtime_env,
-                               submission_id=args.submission_id, timeout=args.submit_timeout)
+                               submission_id=args.submission_id, timeout=args.submit_timeout,
+                               **resources)
     _say(f"submitted job {job_id} to {address}: {entrypoint}")
     if args.no_wait:
         print(job_id)
         _say(f"follow it with: {ray_cli} logs --follow --address {address} {job_id}")
         return 0
     try:
-        info = follow(client, job_id)
+        info = follow(client, address, headers, job_id, say=_say)
     except KeyboardInterrupt:
         _say(f"stopped following; the job keeps running. Stop it with: "
              f"{ray_cli} stop --address {address} {job_id}")

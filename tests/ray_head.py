@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
 
 @contextlib.contextmanager
 def running_head(num_cpus: int, start_timeout_s: float = 120):
-    """Yields {"address": dashboard URL, "token"} of a head that requires the token."""
+    """Yields {"address": dashboard URL, "token", "temp_dir"} of a head that requires the token
+    (temp_dir holds its session directories: logs, runtime env files)."""
     import requests
 
     token = secrets.token_hex(16)
@@ -90,9 +92,66 @@ def running_head(num_cpus: int, start_timeout_s: float = 120):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray dashboard did not come up in {start_timeout_s:.0f} s")
             time.sleep(0.5)
-        yield {"address": address, "token": token}
+        yield {"address": address, "token": token, "temp_dir": temp_dir}
     finally:
         stop_head(proc, temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
         log_path.unlink(missing_ok=True)
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 in front of `upstream_port`, to break connections for real:
+    `stop()` closes the listener and every open connection (as a dying `kubectl
+    port-forward` does), `start()` listens again on the same port."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port, self.port = upstream_port, free_port()
+        self.accepted = 0
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.start()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            sockets, self._sockets = [self._listener, *self._sockets], []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self.accepted += 1
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
