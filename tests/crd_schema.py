@@ -9,6 +9,7 @@ package. Not covered: CEL rules (`x-kubernetes-validations`) and list-map key un
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ def crd_versions() -> list[str]:
     return sorted(found, key=lambda v: tuple(int(x) for x in v[1:].split(".")))
 
 
+@functools.lru_cache(maxsize=None)
 def load_schema(kind: str, version: str) -> dict:
     """The strict JSON Schema of `kind` (RayCluster or RayJob), API version ray.io/v1."""
     with gzip.open(CRD_DIR / CRD_FILES[kind].format(v=version), "rt") as f:
