@@ -392,6 +392,30 @@ def test_launcher_yaml_passes_rays_schema_with_the_same_split():
     assert "~/.ray/auth_token" in raw["file_mounts"]
 
 
+AMI_PLACEHOLDER = "ami-REPLACE_WITH_CURRENT_DLAMI_ID"
+DLAMI_SSM = ("/aws/service/deeplearning/ami/x86_64/"
+             "base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id")
+
+
+def test_launcher_pins_an_ami_per_node_type_and_says_how_to_find_the_current_one():
+    """No ImageId means Ray's default Ubuntu 18.04 AMI. Either the placeholder, which EC2
+    rejects as malformed, or a real id with the date it was looked up."""
+    text = LAUNCHER.read_text()
+    raw = yaml.safe_load(text)
+    for name, node_type in raw["available_node_types"].items():
+        ami = node_type["node_config"].get("ImageId")
+        assert ami, f"{name}: no ImageId, Ray would use its Ubuntu 18.04 default"
+        if ami != AMI_PLACEHOLDER:
+            assert re.fullmatch(r"ami-[0-9a-f]{17}", ami), (name, ami)
+            assert re.search(rf"{ami}\s*#.*\d{{4}}-\d{{2}}-\d{{2}}", text), \
+                f"{name}: pin {ami} with the date it was looked up"
+    assert not re.fullmatch(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?", AMI_PLACEHOLDER)  # malformed
+    readme = README.read_text()
+    assert DLAMI_SSM in readme and "aws ec2 describe-images" in readme
+    dockerfile = (CLUSTER / "docker" / "Dockerfile").read_text()
+    assert "ARG TORCH_CUDA=cu130" in dockerfile and "driver >= 580" in readme
+
+
 def test_readme_names_every_file_of_the_folder():
     text = README.read_text()
     for path in CLUSTER.rglob("*"):
