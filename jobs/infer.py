@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", metavar="N|MIN:MAX",
                    help="detector pool: a fixed size or a range the pool grows in as the cluster does ('MIN:' = no "
                         "upper bound); default 1, with --use-gpu 1: (one per GPU the cluster gives)")
+    p.add_argument("--min-actors", type=int, help="the same as --num-actors MIN:MAX, in two flags")
+    p.add_argument("--max-actors", type=int, help="the same as --num-actors MIN:MAX, in two flags")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per detector actor")
     p.add_argument("--cpus-per-actor", type=int, default=1,
                    help="CPUs per detector: its read+decode threads (and torch threads on CPU) (default 1)")
@@ -88,16 +90,22 @@ def _check_args(args) -> None:
 
 def _pool_size(args) -> tuple[int, int | None]:
     """The detector pool's (min, max) size, max None = unbounded (--use-gpu default: grow with the GPUs)."""
-    if not args.num_actors:
+    if args.num_actors and (args.min_actors or args.max_actors):
+        raise UserError("--num-actors and --min-actors/--max-actors: give one of them")
+    if args.min_actors or args.max_actors:
+        spec = f"{args.min_actors or 1}:{args.max_actors or ''}"
+    elif args.num_actors:
+        spec = args.num_actors
+    else:
         return (1, None) if args.use_gpu else (1, 1)
-    low, sep, high = args.num_actors.partition(":")
+    low, sep, high = spec.partition(":")
     try:
         low_n = int(low) if low else 1
         high_n = (int(high) if high else None) if sep else low_n
     except ValueError:
-        raise UserError(f"--num-actors {args.num_actors}: give N or MIN:MAX (e.g. 1:8, or 2: for no upper bound)") from None
+        raise UserError(f"--num-actors {spec}: give N or MIN:MAX (e.g. 1:8, or 2: for no upper bound)") from None
     if low_n < 1 or (high_n is not None and high_n < low_n):
-        raise UserError(f"--num-actors {args.num_actors}: give 1 <= MIN <= MAX")
+        raise UserError(f"--num-actors {spec}: give 1 <= MIN <= MAX")
     return low_n, high_n
 
 
@@ -142,10 +150,13 @@ def _refuse_local_paths(args, plan) -> None:
     front instead of writing all-error output (or failing every unit)."""
     import ray
 
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes < 2 or args.shared_mount:
+        return
     first = plans.read_units(plan.units_uri, [0]).slice(0, 1).to_pylist()[0]
     refuse_local_paths({"--output": args.output, "--input": args.input,
                         "--input-list entry": (first["uris"] or [first["shard"]])[0]},
-                       nodes=sum(1 for n in ray.nodes() if n.get("Alive")), shared_mount=args.shared_mount)
+                       nodes=nodes, shared_mount=args.shared_mount)
 
 
 def refuse_local_paths(uris: dict[str, str | None], nodes: int, shared_mount: bool) -> None:

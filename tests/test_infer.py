@@ -376,6 +376,8 @@ def test_user_errors_exit_2_before_ray_starts(checkpoint, tmp_path, monkeypatch,
         ["--model", str(checkpoint), *good, "--coco-json", str(tmp_path / "r.json")],
         ["--model", str(checkpoint), *good, "--batch-size", "0"],
         ["--model", str(checkpoint), *good, "--num-actors", "3:2"],
+        ["--model", str(checkpoint), *good, "--num-actors", "2", "--max-actors", "3"],
+        ["--model", str(checkpoint), *good, "--min-actors", "4", "--max-actors", "3"],
         ["--model", str(checkpoint), *good, "--num-actors", "two"],
         ["--model", str(checkpoint), *good, "--max-error-fraction", "1.5"],
     ]

@@ -212,6 +212,15 @@ def test_local_paths_refused_on_a_multi_node_cluster():
         infer.refuse_local_paths({"--output": "/data/out", "--input": "s3://b/in"}, nodes=3, shared_mount=False)
 
 
+def test_detector_pool_is_a_range():
+    def pool(*flags):
+        return infer._pool_size(infer.build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", *flags]))
+
+    assert pool() == (1, 1) and pool("--use-gpu") == (1, None)  # GPUs: grow with the cluster
+    assert pool("--num-actors", "3") == (3, 3) and pool("--num-actors", "2:8") == (2, 8)
+    assert pool("--num-actors", "2:") == (2, None) and pool("--min-actors", "2", "--max-actors", "5") == (2, 5)
+
+
 def test_progress_line_counts_units_rate_and_eta():
     from pipelines.inference.bulk import Progress
 
