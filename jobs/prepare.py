@@ -14,6 +14,7 @@ import json
 import sys
 
 from jobs.cli import run
+from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.formats.prepare import DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES, prepare
 
 
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-shard", type=int, default=DEFAULT_IMAGES_PER_SHARD)
     p.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**20,
                    help="start a new shard before one grows past this many MB of images")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"pixel limit of one decode (default {DEFAULT_MAX_PIXELS}, as jobs.infer and training): larger "
+                        "JPEGs are checked at reduced scale, other larger images are skipped as corrupt")
+    p.add_argument("--max-tasks", type=int, help="at most this many shard tasks in flight (default: the cluster's "
+                                                 "CPUs as it grows, plus a quarter queued)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad input instead of skipping it")
     return p
 
@@ -32,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     manifest = prepare(args.images, args.annotations, args.output, images_per_shard=args.images_per_shard,
-                       max_shard_bytes=int(args.max_shard_mb * 2**20), strict=args.strict)
+                       max_shard_bytes=int(args.max_shard_mb * 2**20), strict=args.strict,
+                       max_pixels=args.max_pixels, max_tasks=args.max_tasks)
     issues = ", ".join(f"{k}={v}" for k, v in manifest.issues.items()) or "none"
     print(f"prepared {manifest.num_images} images ({manifest.num_annotations} boxes, "
           f"{manifest.num_empty_images} images without boxes) in {len(manifest.shards)} shards at {args.output}; "

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import fsspec
 import pyarrow.fs as pafs
 
 from pipelines.errors import UserError
 
+S3_MAX_ATTEMPTS = 10  # botocore attempts per S3 request (its "standard" default is 3: too few for long batch jobs)
 _REMOTE_PROTOCOLS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 _FIXES = {
     "s3": "check the bucket and prefix, AWS_ENDPOINT_URL for MinIO/moto, and the AWS_* credentials",
@@ -65,10 +66,23 @@ def resolve(uri: str | os.PathLike) -> Location:
     if protocol is None:
         raise StorageError(f"{uri}: unsupported scheme '{scheme}://'; use a local path, s3:// or gs://")
     try:
-        fs = fsspec.filesystem(protocol)
+        fs = fsspec.filesystem(protocol, **_retry_settings(protocol))
     except ImportError as exc:
         raise StorageError(f"{uri}: {scheme}:// needs an extra package ({exc.name or exc}); pip install it") from None
     return Location(fs, rest.rstrip("/") if rest.strip("/") else rest, protocol)
+
+
+def _retry_settings(protocol: str) -> dict:
+    """The storage library's own retry settings: botocore's retry modes for S3.
+
+    botocore retries throttling and 5xx answers with exponential backoff and jitter ("adaptive"
+    also slows the client down under throttling); s3fs adds its own retries on connection errors
+    and SlowDown on top. AWS_MAX_ATTEMPTS / AWS_RETRY_MODE set them as for any AWS client.
+    """
+    if protocol != "s3":
+        return {}
+    return {"config_kwargs": {"retries": {"mode": os.environ.get("AWS_RETRY_MODE", "adaptive"),
+                                          "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))}}}
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -103,6 +117,15 @@ def read_bytes(uri: str) -> bytes:
         raise describe_error(uri, exc) from None
 
 
+def _local_temporary(path: str, data: bytes) -> str:
+    """`data` in a new file beside `path` under a unique temporary name (returned)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write `data` so that readers see either nothing or all of it.
 
@@ -112,13 +135,42 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     loc = resolve(uri)
     try:
         if loc.protocol == "file":
-            os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
-            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, loc.path)
+            os.replace(_local_temporary(loc.path, data), loc.path)
         else:
             loc.fs.pipe_file(loc.path, data)
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(uri, exc) from None
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create `uri` holding `data` only if nothing is there yet; False when something is.
+
+    Locally the data goes to a temporary file that is then hard-linked to the name (link fails
+    if the name exists), so the file appears complete or not at all. On S3 it is a conditional
+    put (If-None-Match: *), which AWS S3, MinIO and moto honour. Other stores fall back to
+    check-then-write, which two runs started in the same instant can both pass.
+    """
+    loc = resolve(uri)
+    try:
+        if loc.protocol == "file":
+            tmp = _local_temporary(loc.path, data)
+            try:
+                os.link(tmp, loc.path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        if loc.protocol == "s3":
+            try:
+                loc.fs.pipe_file(loc.path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        if loc.fs.exists(loc.path):
+            return False
+        loc.fs.pipe_file(loc.path, data)
+        return True
     except Exception as exc:  # noqa: BLE001
         raise describe_error(uri, exc) from None
 
@@ -147,6 +199,50 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None) -> list[str]:
     if wanted:
         paths = [p for p in paths if p.lower().endswith(wanted)]
     return sorted(loc.uri(p) for p in paths)
+
+
+def iter_files(uri: str, suffixes: Iterable[str] | None = None, page: int = 1000) -> Iterator[list[str]]:
+    """Every file under `uri` (recursive) as URIs, one page at a time, never the whole listing.
+
+    S3 pages come straight from ListObjectsV2 (1,000 keys each, in key order, each page retried
+    by s3fs/botocore); local folders are walked in sorted order. Other stores list at once.
+    """
+    loc = resolve(uri)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+    keep = (lambda p: p.lower().endswith(wanted)) if wanted else (lambda p: True)  # noqa: E731
+    try:
+        if loc.fs.isfile(loc.path):
+            yield [loc.uri()] if keep(loc.path) else []
+            return
+        if not loc.fs.isdir(loc.path):
+            raise FileNotFoundError(loc.path)
+        if loc.protocol == "s3":
+            bucket, _, key = loc.path.partition("/")
+            args = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else "", "MaxKeys": page}
+            while True:
+                out = loc.fs.call_s3("list_objects_v2", **args)
+                yield [f"s3://{bucket}/{o['Key']}" for o in out.get("Contents", []) if keep(o["Key"])]
+                if not out.get("IsTruncated"):
+                    return
+                args["ContinuationToken"] = out["NextContinuationToken"]
+        elif loc.protocol == "file":
+            for folder, dirs, files in os.walk(loc.path):
+                dirs.sort()
+                found = [os.path.join(folder, f) for f in sorted(files) if keep(f)]
+                for start in range(0, len(found), page):
+                    yield found[start:start + page]
+        else:
+            yield sorted(loc.uri(p) for p in loc.fs.find(loc.path) if keep(p))
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise describe_error(uri, exc) from None
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """True for a failed read or write that a later attempt may complete (throttling, 5xx,
+    timeouts, expired or missing credentials); False for a file that is not there."""
+    return not isinstance(exc, (FileNotFoundError, IsADirectoryError))
 
 
 def ensure_dir(uri: str) -> None:

@@ -87,7 +87,8 @@ def run_infer_and_remove_node(cluster, workers, work: Path, result: Result) -> N
     out = work / "predictions"
     cmd = [sys.executable, "-m", "jobs.infer", "--model", str(checkpoint), "--input", str(work / "synth" / "images"),
            "--output", str(out), "--unit-size", str(INFER_UNIT), "--batch-size", str(INFER_BATCH),
-           "--num-actors", "1", "--debug-sleep", str(INFER_SLEEP)]
+           "--num-actors", "1", "--debug-sleep", str(INFER_SLEEP),
+           "--shared-mount"]  # every node of this one-machine cluster sees the same disk
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     started = time.monotonic()
     say(f"infer: {' '.join(cmd[1:])}")

@@ -28,7 +28,7 @@ from jobs import infer
 from jobs.cli import run
 from pipelines.inference import predictions
 from pipelines import storage
-from pipelines.inference.bulk import PLAN_FILE
+from pipelines.inference.plan import PLAN_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"}]
@@ -62,8 +62,14 @@ def put(uri: str, data: bytes) -> None:
     storage.write_bytes_atomic(uri, data)
 
 
+def parts_of(uri: str) -> list[str]:
+    """The part files of an output (not the plan files beside them)."""
+    storage.resolve(uri).fs.invalidate_cache()  # another process may have written them
+    return [f for f in storage.list_files(uri, suffixes=[".parquet"]) if predictions.unit_of(f) is not None]
+
+
 def read_output(uri: str) -> pa.Table:
-    files = storage.list_files(uri, suffixes=[".parquet"])
+    files = parts_of(uri)
     return pa.concat_tables([predictions.read_part(f) for f in files])
 
 
@@ -139,8 +145,9 @@ def s3_run(ray_local, s3_server, checkpoint, tmp_path_factory):
 def test_one_row_per_input_errors_only_on_bad_files(s3_run, capsys):
     assert infer.main(s3_run["argv"]) == 0
     summary = capsys.readouterr().out
-    assert "done: 17 images (4 errors)" in summary and s3_run["output"] in summary
-    files = storage.list_files(s3_run["output"])
+    assert "done: 17 images (5 errors)" in summary and s3_run["output"] in summary
+    storage.resolve(s3_run["output"]).fs.invalidate_cache()  # the workers wrote the parts
+    files = [f for f in storage.list_files(s3_run["output"]) if "/_infer_units-" not in f]
     assert [f.rsplit("/", 1)[1] for f in files] == [PLAN_FILE] + [predictions.part_name(u) for u in range(5)]
     assert all(pq.read_schema(io.BytesIO(storage.read_bytes(f))) == predictions.PREDICTIONS_SCHEMA
                for f in files[1:])
@@ -149,13 +156,17 @@ def test_one_row_per_input_errors_only_on_bad_files(s3_run, capsys):
     assert table.num_rows == len(rows) == len(s3_run["sizes"]) == 17  # each input once, notes.txt not an input
     assert set(rows) == set(s3_run["sizes"])
     failed = {u for u, r in rows.items() if r["error"] is not None}
-    assert failed == {s3_run["input"] + name for name in BAD}
+    # A 100-megapixel PNG is above the default pixel limit: refused naming its size, never decoded.
+    huge_png = s3_run["input"] + "huge/10000.png"
+    assert failed == {s3_run["input"] + name for name in BAD} | {huge_png}
+    assert "10000x10000 = 100.0 megapixels, above the pixel limit" in rows[huge_png]["error"]
+    failed.discard(huge_png)
     assert "empty file" in rows[s3_run["input"] + "bad/zero.png"]["error"]
     assert "truncated" in rows[s3_run["input"] + "bad/truncated.jpg"]["error"]
     assert all(rows[u]["error"].startswith("cannot decode: ") for u in failed)
     for uri, row in rows.items():
         assert row["image_id"] is None and row["model"].startswith(s3_run["argv"][1] + "@sha256:")
-        if uri in failed:
+        if uri in failed or uri == huge_png:
             assert row["detections"] is None and row["width"] is None and row["height"] is None
             continue
         assert (row["width"], row["height"]) == s3_run["sizes"][uri], uri
@@ -171,48 +182,21 @@ def test_one_row_per_input_errors_only_on_bad_files(s3_run, capsys):
     assert same_detections(rows[prefix + "modes/gray.png"]["detections"], rows[prefix + "modes/gray-as-rgb.png"]["detections"])
     # EXIF orientation applied: the rotated file is detected exactly like its upright twin.
     assert same_detections(rows[prefix + "exif/rotated.png"]["detections"], rows[prefix + "exif/upright.png"]["detections"])
-    # A 10000 x 10000 image: boxes back in its own pixels, far beyond the 64 px it was detected at.
-    assert max(d["x2"] for d in rows[prefix + "huge/10000.png"]["detections"]) > 1000
+    # A 10000 x 10000 JPEG (drafted): boxes back in its own pixels, far beyond the 64 px it was detected at.
+    assert max(d["x2"] for d in rows[prefix + "huge/10000.jpg"]["detections"]) > 1000
 
 
 def test_rerun_skips_finished_parts_and_refuses_other_settings(s3_run, capsys):
+    storage.resolve(s3_run["output"]).fs.invalidate_cache()
     before = {f: storage.resolve(f).fs.info(storage.resolve(f).path)["ETag"] for f in storage.list_files(s3_run["output"])}
+    assert any("/_infer_units-" in f for f in before)
     assert infer.main(s3_run["argv"]) == 0
     assert "0 to run" in capsys.readouterr().out
+    storage.resolve(s3_run["output"]).fs.invalidate_cache()
     after = {f: storage.resolve(f).fs.info(storage.resolve(f).path)["ETag"] for f in storage.list_files(s3_run["output"])}
     assert after == before
     assert exit_code(s3_run["argv"] + ["--score-threshold", "0.3"]) == 2
     assert "score_thresh" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------- parts from repeated rows
-def test_part_writer_drops_repeated_rows_and_writes_whole_units_in_order(tmp_path):
-    """A retried task (lost actor) sends rows again and in any order: each unit is written once,
-    complete and in input order; rows of an already finished unit are ignored."""
-    def rows(unit, indexes):
-        n = len(indexes)
-        return pa.table({
-            "unit": pa.array([unit] * n, pa.int64()), "index": pa.array(indexes, pa.int32()),
-            "image_id": pa.nulls(n, pa.int64()), "uri": [f"u{unit}-{i}" for i in indexes],
-            "width": pa.array([10] * n, pa.int32()), "height": pa.array([10] * n, pa.int32()),
-            "detections": predictions.detections_array(np.zeros(n, int), np.ones(n, bool), np.zeros((0, 4)),
-                                                       np.zeros(0), np.zeros(0, int), CATEGORIES),
-            "error": pa.nulls(n, pa.string()), "model": ["m"] * n})
-
-    writer = predictions.PartWriter(str(tmp_path), {3: 3, 4: 2})
-    writer.add(pa.concat_tables([rows(3, [2, 0]), rows(4, [1])]))
-    writer.add(rows(3, [0, 2, 2]))  # a retry: nothing new
-    assert not list(tmp_path.iterdir())
-    writer.add(pa.concat_tables([rows(4, [0, 1]), rows(3, [1, 1])]))
-    writer.add(rows(4, [0]))  # after its unit was written
-    writer.finish()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [predictions.part_name(3), predictions.part_name(4)]
-    assert predictions.read_part(str(tmp_path / predictions.part_name(3)))["uri"].to_pylist() == ["u3-0", "u3-1", "u3-2"]
-    assert (writer.images, writer.parts, writer.errors) == (5, 2, 0)
-    incomplete = predictions.PartWriter(str(tmp_path / "other"), {0: 2})
-    incomplete.add(rows(0, [1]))
-    with pytest.raises(RuntimeError, match="incomplete"):
-        incomplete.finish()
 
 
 # --------------------------------------------------------------------- kill the driver, rerun
@@ -233,9 +217,7 @@ def test_sigkill_mid_run_then_rerun_is_exactly_once_on_s3(ray_local, s3_server, 
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     def parts():
         storage.resolve(f"s3://{bucket}").fs.invalidate_cache()  # another process writes them
-        if not storage.exists(f"s3://{bucket}/out"):
-            return []
-        return [f for f in storage.list_files(f"s3://{bucket}/out") if f.endswith(".parquet")]
+        return parts_of(f"s3://{bucket}/out") if storage.exists(f"s3://{bucket}/out") else []
 
     try:
         deadline = time.monotonic() + 240
@@ -265,7 +247,10 @@ def test_torchvision_state_dict_file_matches_predict(tmp_path):
     the size as predict on the same PIL-resized pixels, scaled by 2."""
     from torchvision.models.detection import retinanet_resnet50_fpn
 
-    from pipelines.inference.bulk import Detector, decode_units
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.inference.detector import Detector
+    from pipelines.inference.units import decoded_chunks
 
     torch.manual_seed(1)
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5).eval()
@@ -276,8 +261,9 @@ def test_torchvision_state_dict_file_matches_predict(tmp_path):
     for name, pixels in pictures.items():
         Image.fromarray(pixels).save(tmp_path / name)
     _, checkpoint, identity = infer.load_model(str(tmp_path / "tv.pt"))
-    spec = pa.Table.from_pylist([{"unit": 0, "uris": [str(tmp_path / n) for n in pictures], "image_ids": []}])
-    decoded = pa.concat_tables(decode_units(spec, min_size=96, max_size=160))
+    spec = {"unit": 0, "uris": [str(tmp_path / n) for n in pictures], "image_ids": None}
+    with ThreadPoolExecutor(2) as pool:
+        decoded = pa.concat_tables(decoded_chunks(spec, 2, pool, 1, min_size=96, max_size=160))
     rows = by_uri(Detector(checkpoint, model_name=identity, max_detections=100)(decoded))
 
     model = retinanet.from_torchvision(str(tmp_path / "tv.pt"))
@@ -389,7 +375,11 @@ def test_user_errors_exit_2_before_ray_starts(checkpoint, tmp_path, monkeypatch,
         ["--model", str(checkpoint), "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")],
         ["--model", str(checkpoint), *good, "--coco-json", str(tmp_path / "r.json")],
         ["--model", str(checkpoint), *good, "--batch-size", "0"],
+        ["--model", str(checkpoint), *good, "--num-actors", "3:2"],
         ["--model", str(checkpoint), *good, "--num-actors", "2", "--max-actors", "3"],
+        ["--model", str(checkpoint), *good, "--min-actors", "4", "--max-actors", "3"],
+        ["--model", str(checkpoint), *good, "--num-actors", "two"],
+        ["--model", str(checkpoint), *good, "--max-error-fraction", "1.5"],
     ]
     for argv in cases:
         assert exit_code(argv) == 2, argv

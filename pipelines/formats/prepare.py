@@ -17,13 +17,14 @@ from pipelines.formats import shards
 from pipelines import storage
 from pipelines.formats.coco import Issues
 from pipelines.errors import UserError
+from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.images.transforms import ImageDecodeError, probe_image
 
 DEFAULT_IMAGES_PER_SHARD = 1000
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
 
 
-def _read_chunk(loc: storage.Location, records: list[dict], issues: Issues):
+def _read_chunk(loc: storage.Location, records: list[dict], issues: Issues, max_pixels: int | None):
     """Fetch a chunk of images (concurrently on object stores) and check each one decodes."""
     paths = [loc.join(r["file_name"]).path for r in records]
     kept, images = [], []
@@ -33,7 +34,7 @@ def _read_chunk(loc: storage.Location, records: list[dict], issues: Issues):
             issues.add("missing_image", f"{loc.uri(path)}: {type(data).__name__}", **where)
             continue
         try:
-            width, height = probe_image(data)
+            width, height = probe_image(data, max_pixels)
         except ImageDecodeError as exc:
             issues.add("corrupt_image", f"{loc.uri(path)}: {exc}", **where)
             continue
@@ -45,7 +46,8 @@ def _read_chunk(loc: storage.Location, records: list[dict], issues: Issues):
     return kept, images
 
 
-def write_one_shard(images_uri: str, shard_uri: str, records: list[dict], strict: bool) -> dict:
+def write_one_shard(images_uri: str, shard_uri: str, records: list[dict], strict: bool,
+                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
     """Body of one Ray task: read, check and write one shard; returns its tally (never raises
     for bad input: a strict failure comes back as ``{"error": ...}`` for the driver to report)."""
     loc = storage.resolve(images_uri)
@@ -54,7 +56,7 @@ def write_one_shard(images_uri: str, shard_uri: str, records: list[dict], strict
 
     def tables():
         for start in range(0, len(records), shards.ROW_GROUP_IMAGES):
-            kept, images = _read_chunk(loc, records[start:start + shards.ROW_GROUP_IMAGES], issues)
+            kept, images = _read_chunk(loc, records[start:start + shards.ROW_GROUP_IMAGES], issues, max_pixels)
             stats["num_images"] += len(kept)
             for rec in kept:
                 stats["num_annotations"] += len(rec["boxes"])
@@ -77,11 +79,19 @@ def prepare(
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     strict: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_tasks: int | None = None,
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> shards.Manifest:
-    """Convert a COCO dataset into shards at `output`; starts a local Ray if none is running."""
-    if images_per_shard < 1:
-        raise UserError(f"--images-per-shard {images_per_shard}: must be at least 1")
+    """Convert a COCO dataset into shards at `output`; starts a local Ray if none is running.
+
+    Images above `max_pixels` (after JPEG draft reduction) are skipped as corrupt, naming their
+    size; `max_tasks` caps the shard tasks in flight (default: follow the cluster as it grows).
+    """
+    for flag, value in (("--images-per-shard", images_per_shard), ("--max-pixels", max_pixels),
+                        ("--max-tasks", max_tasks)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
     issues = Issues(strict=strict)
     data = coco.load_annotations(annotations)
     categories = coco.categories_of(data, annotations)
@@ -104,7 +114,7 @@ def prepare(
     ranges = shards.plan_shards(present_sizes, images_per_shard, max_shard_bytes)
     progress(f"prepare: {len(present)} images -> {len(ranges)} shards at {output}")
 
-    results = _run_tasks(images, out, present, ranges, strict, progress)
+    results = _run_tasks(images, out, present, ranges, strict, progress, max_pixels, max_tasks)
     manifest = shards.Manifest(
         categories=categories,
         source={"images": images, "annotations": annotations},
@@ -122,12 +132,23 @@ def prepare(
     return manifest
 
 
-def _run_tasks(images: str, out: storage.Location, records: list[dict], ranges, strict: bool, progress) -> list[dict]:
-    """Run one Ray task per shard, one per logical CPU in flight, reporting progress.
+def _in_flight_limit(max_tasks: int | None) -> int:
+    """Shard tasks to keep in flight now: the cluster's CPUs as they are at this moment (an
+    autoscaler adds nodes during the run) plus a quarter queued, so that the autoscaler sees
+    demand; never more than `max_tasks`."""
+    import ray
 
-    Not more: a queued task makes Ray start another worker process (~100 MB) early, and each
-    running task holds up to one shard. Peak memory is thus about (CPUs x shard) plus Ray's
-    own processes, whatever the number of images.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(cpus + max(1, cpus // 4), max_tasks or cpus * 2))
+
+
+def _run_tasks(images: str, out: storage.Location, records: list[dict], ranges, strict: bool, progress,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, max_tasks: int | None = None) -> list[dict]:
+    """Run one Ray task per shard, about one per logical CPU of the cluster in flight, reporting progress.
+
+    Not many more: a queued task makes Ray start another worker process (~100 MB) early, and
+    each running task holds up to one shard. Peak memory is thus about (CPUs x shard) plus Ray's
+    own processes, whatever the number of images. The count follows the cluster as it grows.
     """
     import ray
 
@@ -135,16 +156,16 @@ def _run_tasks(images: str, out: storage.Location, records: list[dict], ranges, 
 
     ensure_ray()
     task = ray.remote(num_cpus=1)(write_one_shard)
-    max_in_flight = max(1, int(ray.available_resources().get("CPU", 1)))
     results: list[dict | None] = [None] * len(ranges)
     pending: dict = {}
     next_shard, done_images, started = 0, 0, time.monotonic()
     try:
         while next_shard < len(ranges) or pending:
-            while next_shard < len(ranges) and len(pending) < max_in_flight:
+            limit = _in_flight_limit(max_tasks)
+            while next_shard < len(ranges) and len(pending) < limit:
                 start, stop = ranges[next_shard]
                 uri = out.join(shards.shard_name(next_shard)).uri()
-                pending[task.remote(images, uri, records[start:stop], strict)] = next_shard
+                pending[task.remote(images, uri, records[start:stop], strict, max_pixels)] = next_shard
                 next_shard += 1
             [ready], _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready)
