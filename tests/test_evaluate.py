@@ -22,7 +22,7 @@ import pytest
 from jobs import evaluate as job
 from jobs.cli import run
 from pipelines.evaluation import scoring as ev
-from pipelines.evaluation import report
+from pipelines.evaluation import inputs, report
 from pipelines.formats import shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def test_small_read_batches_give_the_same_results(tmp_path, dataset, monkeypatch
     ground_truth, results = dataset
     folder = write_split(tmp_path / "pred", prediction_rows(ground_truth, results), 2)
     whole = ev.to_coco_results(ev.read_predictions(str(folder)), ground_truth)
-    monkeypatch.setattr(ev, "_BATCH_ROWS", 3)
+    monkeypatch.setattr(inputs, "_BATCH_ROWS", 3)
     np.testing.assert_array_equal(ev.to_coco_results(ev.read_predictions(str(folder)), ground_truth), whole)
 
 

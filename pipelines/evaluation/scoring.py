@@ -14,193 +14,32 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipelines import storage
 from pipelines.errors import UserError
+from pipelines.evaluation.inputs import Predictions, load_ground_truth, load_json, read_predictions  # noqa: F401
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 ENGINES = ("faster-coco-eval", "pycocotools")
-_SCHEMA_HINT = "the predictions schema of DESIGN.md, as written by jobs.infer"
-_DETECTION_FIELDS = {  # name -> (type check, expected type in messages)
-    "x1": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
-    "y1": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
-    "x2": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
-    "y2": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
-    "score": (pa.types.is_floating, "float32"),
-    "category_id": (pa.types.is_integer, "int32"),
-}
-_BATCH_ROWS = 16_384  # Parquet rows decoded at a time: memory stays bounded whatever the file size
-_READ_THREADS = 8  # files in flight: object stores are latency-bound, pyarrow releases the GIL
+PROTOCOLS = ("coco", "lvis")
+DEFAULT_MAX_DETS = {"coco": 100, "lvis": 300}
+FREQUENCIES = {"r": "rare", "c": "common", "f": "frequent"}  # LVIS categories' `frequency` field
 
 
-@dataclass
-class Predictions:
-    """All rows of a predictions folder as flat numpy columns (no per-row Python objects).
-
-    Rows are images (`row_*`, one entry per Parquet row); detections are flattened
-    (`det_row` points each detection at its row), so a million detections cost ~50 MB.
-    """
-
-    files: list[str]
-    row_image_id: np.ndarray  # int64
-    row_file: np.ndarray  # int32 index into `files`
-    det_row: np.ndarray  # int64 index into the rows
-    boxes: np.ndarray  # (n, 4) float64 x1, y1, x2, y2 in original pixels
-    scores: np.ndarray  # float64 (stored as float32)
-    category_ids: np.ndarray  # int64
-    errors: list[dict] = field(default_factory=list)  # rows with `error` set: file, image_id, uri, error
-    models: list[str] = field(default_factory=list)  # distinct values of the `model` column
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.row_image_id)
+def lvis_stat_names(max_dets: int = 300) -> tuple[str, ...]:
+    """lvis-api's result names (LVISEval.get_results), AR named after the detections per image."""
+    return ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
+            f"AR@{max_dets}", f"ARs@{max_dets}", f"ARm@{max_dets}", f"ARl@{max_dets}")
 
 
-def load_json(uri: str) -> object:
-    """A JSON document from any URI; a malformed one is a user error naming it."""
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{uri}: not valid JSON ({str(exc).splitlines()[0]})") from None
-
-
-def load_ground_truth(uri: str) -> dict:
-    """Read a COCO annotations json and check the keys evaluation relies on."""
-    data = load_json(uri)
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise UserError(f"{uri}: missing COCO key(s) {', '.join(missing)}; give a COCO instances json")
-    return data
-
-
-def read_predictions(uri: str) -> Predictions:
-    """Read every Parquet file under `uri` (a file, a folder or a bucket prefix)."""
-    files = storage.list_files(uri, suffixes=[".parquet"])
-    if not files:
-        raise UserError(f"{uri}: no .parquet files found; give the --output of jobs.infer")
-    with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(files))) as pool:
-        parts = list(pool.map(_read_file, files))
-    columns = _concat(parts)
-    return Predictions(
-        files=files,
-        row_image_id=columns.pop("image_id"),
-        row_file=np.repeat(np.arange(len(files), dtype=np.int32), [len(p["image_id"]) for p in parts]),
-        models=sorted(columns.pop("models")),
-        **columns,
-    )
-
-
-def _read_file(uri: str) -> dict:
-    fs, path = storage.arrow_filesystem(uri)
-    try:
-        handle = fs.open_input_file(path)
-    except OSError as exc:
-        raise storage.describe_error(uri, exc) from None
-    with handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as exc:
-            raise UserError(f"{uri}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-        _check_schema(parquet.schema_arrow, uri)
-        columns = [c for c in ("image_id", "detections", "error", "uri", "model") if c in parquet.schema_arrow.names]
-        batches = [_read_batch(b, uri) for b in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)]
-        if not batches:  # a file with no rows still contributes typed, empty columns
-            schema = pa.schema([parquet.schema_arrow.field(c) for c in columns])
-            batches = [_read_batch(pa.RecordBatch.from_pylist([], schema=schema), uri)]
-    return _concat(batches)
-
-
-def _concat(parts: list[dict]) -> dict:
-    """Join the columns of consecutive row ranges (batches of a file, files of a folder)."""
-    row_offsets = np.cumsum([0] + [len(p["image_id"]) for p in parts[:-1]])
-    return {
-        "image_id": np.concatenate([p["image_id"] for p in parts]),
-        "det_row": np.concatenate([p["det_row"] + offset for p, offset in zip(parts, row_offsets)]),
-        "boxes": np.concatenate([p["boxes"] for p in parts]),
-        "scores": np.concatenate([p["scores"] for p in parts]),
-        "category_ids": np.concatenate([p["category_ids"] for p in parts]),
-        "errors": [e for p in parts for e in p["errors"]],
-        "models": set().union(*(p["models"] for p in parts)),
-    }
-
-
-def _check_schema(schema: pa.Schema, uri: str) -> None:
-    """Fail on the first column that differs from the predictions schema, naming it."""
-
-    def wrong(column: str, found: object, expected: str) -> UserError:
-        return UserError(f"{uri}: column '{column}' is {found}, expected {expected} ({_SCHEMA_HINT})")
-
-    for name in ("image_id", "detections"):
-        if name not in schema.names:
-            raise UserError(f"{uri}: column '{name}' is missing; expected {_SCHEMA_HINT}")
-    if not pa.types.is_integer(schema.field("image_id").type):
-        raise wrong("image_id", schema.field("image_id").type, "int64")
-    det_type = schema.field("detections").type
-    expected = "list<struct<x1, y1, x2, y2: float64, score: float32, category_id: int32, category: string>>"
-    if not (pa.types.is_list(det_type) or pa.types.is_large_list(det_type)) or not pa.types.is_struct(
-        det_type.value_type
-    ):
-        raise wrong("detections", det_type, expected)
-    struct = det_type.value_type
-    for name, (accepts, expected_type) in _DETECTION_FIELDS.items():
-        if struct.get_field_index(name) < 0:
-            raise UserError(f"{uri}: column 'detections.{name}' is missing; expected {expected}")
-        if not accepts(struct.field(name).type):
-            raise wrong(f"detections.{name}", struct.field(name).type, expected_type)
-    for name in ("error", "uri", "model"):
-        if name in schema.names:
-            t = schema.field(name).type
-            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
-                raise wrong(name, t, "string")
-
-
-def _read_batch(batch: pa.RecordBatch, uri: str) -> dict:
-    """One record batch -> flat numpy columns, with nulls where values are needed rejected."""
-    image_id = batch.column("image_id")
-    if image_id.null_count:
-        raise UserError(
-            f"{uri}: column 'image_id' has {image_id.null_count} null value(s); predictions of custom images "
-            "(no COCO image id) cannot be scored against COCO annotations"
-        )
-    detections = batch.column("detections")
-    lengths = pc.fill_null(pc.list_value_length(detections), 0).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(detections)
-    if flat.null_count:
-        raise UserError(f"{uri}: column 'detections' holds {flat.null_count} null detection(s)")
-    values = {}
-    for name in _DETECTION_FIELDS:
-        column = pc.struct_field(flat, name)
-        if column.null_count:
-            raise UserError(f"{uri}: column 'detections.{name}' has {column.null_count} null value(s)")
-        values[name] = column.to_numpy(zero_copy_only=False)
-        bad = np.count_nonzero(~np.isfinite(values[name])) if values[name].dtype.kind == "f" else 0
-        if bad:
-            raise UserError(f"{uri}: column 'detections.{name}' has {bad} NaN or infinite value(s)")
-    errors, models = [], set()
-    if "error" in batch.schema.names and batch.column("error").null_count < batch.num_rows:
-        failed = batch.select([c for c in ("image_id", "uri", "error") if c in batch.schema.names])
-        errors = [dict(row, file=uri) for row in failed.filter(pc.is_valid(batch.column("error"))).to_pylist()]
-    if "model" in batch.schema.names:
-        models = set(pc.unique(batch.column("model")).drop_null().to_pylist())
-    return {
-        "image_id": image_id.to_numpy(zero_copy_only=False).astype(np.int64, copy=False),
-        "det_row": np.repeat(np.arange(batch.num_rows, dtype=np.int64), lengths),
-        "boxes": np.stack([values[k].astype(np.float64, copy=False) for k in ("x1", "y1", "x2", "y2")], axis=1),
-        "scores": values["score"].astype(np.float64),
-        "category_ids": values["category_id"].astype(np.int64, copy=False),
-        "errors": errors,
-        "models": models,
-    }
-
-
+def detect_protocol(ground_truth: dict) -> str:
+    """'lvis' for LVIS's federated ground truth (categories with `frequency`, images listing
+    `neg_category_ids` / `not_exhaustive_category_ids`), 'coco' otherwise."""
+    categories, images = ground_truth["categories"], ground_truth["images"]
+    federated = any("neg_category_ids" in i or "not_exhaustive_category_ids" in i for i in images[:1000])
+    return "lvis" if federated or (categories and all("frequency" in c for c in categories)) else "coco"
 def to_coco_results(predictions: Predictions, ground_truth: dict, max_dets: int = 100) -> np.ndarray:
     """COCO results as an (n, 7) array [image_id, x, y, w, h, score, category_id].
 
@@ -214,9 +53,8 @@ def to_coco_results(predictions: Predictions, ground_truth: dict, max_dets: int 
     image_id = predictions.row_image_id[predictions.det_row]
     order = np.lexsort((-predictions.scores, image_id))
     order = order[_rank_within_runs(image_id[order]) < max_dets]
-    x1, y1, x2, y2 = predictions.boxes[order].T
     return np.column_stack(
-        [image_id[order], x1, y1, x2 - x1, y2 - y1, predictions.scores[order], predictions.category_ids[order]]
+        [image_id[order], predictions.boxes[order], predictions.scores[order], predictions.category_ids[order]]
     ).astype(np.float64, copy=False)
 
 
@@ -273,16 +111,29 @@ class Evaluation:
     category_ids: list[int]  # order of the category axis
     iou_thresholds: np.ndarray
     recall_thresholds: np.ndarray
+    protocol: str = "coco"
+    max_dets: int = 100  # the largest of COCOeval's maxDets (LVIS: 300)
 
 
-def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str = "faster-coco-eval") -> Evaluation:
-    """COCOeval for bounding boxes with default parameters, over every ground-truth image.
+def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str = "faster-coco-eval",
+             protocol: str = "coco", max_dets: int | None = None) -> Evaluation:
+    """COCOeval for bounding boxes over every ground-truth image, by COCO's or LVIS's protocol.
 
     `results` is an (n, 7) array as from `to_coco_results` or a COCO results list of dicts.
     Images without detections count as misses (COCOeval's image ids come from the ground truth).
+    LVIS (faster-coco-eval's `lvis_style`, which reproduces lvis-api): one `max_dets` (300) per
+    image and category, detections of categories an image neither has nor lists in
+    `neg_category_ids` dropped, unmatched ones of `not_exhaustive_category_ids` ignored, and
+    APr/APc/APf over the categories' `frequency`. Keeping the top `max_dets` per image across
+    categories (lvis-api's LVISResults) is `to_coco_results`' job.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    max_dets = max_dets or DEFAULT_MAX_DETS[protocol]
+    if protocol == "lvis":
+        _check_lvis(ground_truth, engine)
     if engine == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -296,18 +147,53 @@ def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str =
         gt = _coco(COCO, ground_truth)
         dt = _coco(COCO, {"images": ground_truth["images"], "categories": ground_truth["categories"],
                           "annotations": annotations})
-        evaluator = COCOeval(gt, dt, "bbox")
+        evaluator = COCOeval(gt, dt, "bbox", **({"lvis_style": True} if protocol == "lvis" else {}))
+        if protocol == "lvis":
+            evaluator.params.maxDets = [max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
+        if protocol == "coco":
+            evaluator.summarize()
     params = evaluator.params
-    return Evaluation(
-        stats={name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:12])},
-        precision=np.asarray(evaluator.eval["precision"]),
-        category_ids=[int(c) for c in params.catIds],
-        iou_thresholds=np.asarray(params.iouThrs),
-        recall_thresholds=np.asarray(params.recThrs),
-    )
+    precision = np.asarray(evaluator.eval["precision"])
+    if protocol == "lvis":
+        stats = _lvis_stats(precision, np.asarray(evaluator.eval["recall"]), np.asarray(params.iouThrs),
+                            evaluator.freq_groups, max_dets)
+    else:
+        stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:12])}
+    return Evaluation(stats=stats, precision=precision, category_ids=[int(c) for c in params.catIds],
+                      iou_thresholds=np.asarray(params.iouThrs), recall_thresholds=np.asarray(params.recThrs),
+                      protocol=protocol, max_dets=int(params.maxDets[-1]))
+
+
+def _check_lvis(ground_truth: dict, engine: str) -> None:
+    if engine != "faster-coco-eval":
+        raise UserError(f"--engine {engine}: has no LVIS protocol; use --engine faster-coco-eval (it reproduces "
+                        "lvis-api) or --protocol coco")
+    unknown = [c.get("id") for c in ground_truth["categories"] if c.get("frequency") not in FREQUENCIES]
+    if unknown:
+        raise UserError(f"--annotations: category {unknown[0]} has no LVIS 'frequency' (r, c or f) "
+                        f"({len(unknown)} in all); give LVIS ground truth or use --protocol coco")
+
+
+def _lvis_stats(precision: np.ndarray, recall: np.ndarray, iou_thresholds: np.ndarray,
+                frequency_groups: list[list[int]], max_dets: int) -> dict[str, float]:
+    """lvis-api's summarize(): means over entries > -1 of the same slices, in the same element order."""
+
+    def mean(values: np.ndarray) -> float:
+        values = values[values > -1]
+        return float(np.mean(values)) if values.size else -1.0
+
+    def at(iou: float) -> np.ndarray:
+        return np.flatnonzero(iou == iou_thresholds)
+
+    p, r = precision[..., 0], recall[..., 0]  # one max_dets
+    names = lvis_stat_names(max_dets)
+    values = [mean(p[:, :, :, 0]), mean(p[at(0.5)][:, :, :, 0]), mean(p[at(0.75)][:, :, :, 0]),
+              *(mean(p[:, :, :, a]) for a in (1, 2, 3)),
+              *(mean(p[:, :, group, 0]) for group in frequency_groups),
+              *(mean(r[:, :, a]) for a in (0, 1, 2, 3))]
+    return dict(zip(names, values))
 
 
 def coco_stats(ground_truth: dict, results: np.ndarray | list[dict]) -> dict[str, float]:
