@@ -21,6 +21,7 @@ import numpy as np
 from jobs.cli import run
 from pipelines.evaluation import scoring as ev
 from pipelines.evaluation import report
+from pipelines.evaluation import sharded
 from pipelines.evaluation.progress import Progress
 from pipelines.errors import UserError
 
@@ -47,8 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-manifest", metavar="URI",
                         help="training set (jobs.prepare folder or manifest.json, or COCO json): adds AP for rare / "
                              "common / frequent categories (LVIS: 1-10, 11-100, >100 training images)")
-    parser.add_argument("--engine", choices=ev.ENGINES, default=ev.ENGINES[0],
-                        help="COCOeval implementation (same numbers; faster-coco-eval is faster)")
+    parser.add_argument("--engine", choices=("sharded", *ev.ENGINES), default="sharded",
+                        help="sharded (default): files scored in parallel as numpy arrays, merged into pycocotools' / "
+                             "lvis-api's exact numbers, memory bounded per task; faster-coco-eval or pycocotools: "
+                             "the COCO API in this process, one Python dict per detection (to cross-check)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="parallel scoring tasks for --engine sharded (default: this machine's cores)")
+    parser.add_argument("--executor", choices=sharded.EXECUTORS, default="auto",
+                        help="where sharded tasks run: local processes, or Ray tasks (auto: Ray when RAY_ADDRESS "
+                             "names a cluster, as under `ray job submit`)")
     parser.add_argument("--progress", type=float, default=10.0, metavar="SECONDS",
                         help="print progress (files read, images scored) to stderr at most every SECONDS "
                              "(default 10; 0: every step)")
@@ -69,23 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     train_counts = None
     if args.train_manifest:
         train_counts = report.train_image_counts(args.train_manifest)
-    predictions = ev.read_predictions(args.predictions, progress)
-    results = ev.to_coco_results(predictions, ground_truth, max_dets=max_dets)
+    if protocol == "lvis":
+        ev.check_lvis(ground_truth, args.engine)
+    if args.engine == "sharded":
+        if args.workers is not None and args.workers < 1:
+            raise UserError(f"--workers {args.workers}: give a positive number of tasks")
+        scored = sharded.score(args.predictions, ground_truth, protocol, max_dets, args.workers, args.executor, progress)
+    else:
+        scored = _score_with_coco_api(args, ground_truth, protocol, max_dets, progress)
+    evaluation = scored.evaluation
     gt_images = np.array([img["id"] for img in ground_truth["images"]], dtype=np.int64)
-    without_row = int(np.isin(gt_images, predictions.row_image_id, invert=True).sum())
+    without_row = int(np.isin(gt_images, scored.row_image_id, invert=True).sum())
     summary = {
         "predictions": args.predictions, "annotations": args.annotations, "protocol": protocol,
-        "engine": args.engine, "input": predictions.kind, "files": len(predictions.files), "models": predictions.models,
-        "images": {"ground_truth": len(gt_images), "rows": predictions.num_rows,
-                   "rows_with_error": len(predictions.errors),
-                   "without_row" if predictions.kind == "parquet" else "without_detections": without_row},
-        "detections": {"read": len(predictions.scores), "evaluated": len(results), "max_dets": max_dets},
+        "engine": args.engine, "input": scored.kind, "files": len(scored.files), "models": scored.models,
+        "images": {"ground_truth": len(gt_images), "rows": len(scored.row_image_id),
+                   "rows_with_error": len(scored.errors),
+                   "without_row" if scored.kind == "parquet" else "without_detections": without_row},
+        "detections": {"read": scored.detections_read, "evaluated": sum(scored.detections_per_category.values()),
+                       "max_dets": max_dets},
     }
-    errors = predictions.errors
-    del predictions  # COCOeval needs the memory more than we need the raw columns
-    progress.update("scoring", 0, len(gt_images), "images", f"{len(results)} detections, {protocol} protocol")
-    evaluation = ev.evaluate(ground_truth, results, engine=args.engine, protocol=protocol, max_dets=max_dets)
-    progress.update("scoring", len(gt_images), len(gt_images), "images")
+    errors = scored.errors
     summary["stats"] = evaluation.stats
     frequency = None
     if train_counts is not None:
@@ -94,12 +106,28 @@ def main(argv: list[str] | None = None) -> int:
         frequency = dict(report.group_ap(evaluation, report.lvis_frequencies(ground_truth)), source="LVIS frequency")
     _print_summary(summary, errors, frequency)
     if args.output:
-        rows = report.per_category(evaluation, ground_truth, results, train_counts)
+        rows = report.per_category(evaluation, ground_truth, scored.detections_per_category, train_counts)
         full = dict(summary, frequency=frequency, per_category=rows,
                     errors=errors[:_ERRORS_IN_REPORT], seconds=round(time.perf_counter() - start, 3))
         uris = report.write_report(args.output, full, rows, evaluation)
         print(f"report: {', '.join(uris)}")
     return 0
+
+
+def _score_with_coco_api(args, ground_truth: dict, protocol: str, max_dets: int, progress: Progress) -> sharded.Outcome:
+    """The single-process path: the COCO API's dicts in this process (faster-coco-eval or pycocotools)."""
+    predictions = ev.read_predictions(args.predictions, progress)
+    results = ev.to_coco_results(predictions, ground_truth, max_dets=max_dets)
+    outcome = sharded.Outcome(
+        evaluation=None, kind=predictions.kind, files=predictions.files, row_image_id=predictions.row_image_id,
+        errors=predictions.errors, models=predictions.models, detections_read=len(predictions.scores),
+        detections_per_category=dict(zip(*(a.tolist() for a in np.unique(results[:, 6].astype(np.int64),
+                                                                          return_counts=True)))))
+    del predictions  # COCOeval needs the memory more than we need the raw columns
+    progress.update("scoring", 0, len(ground_truth["images"]), "images", f"{len(results)} detections")
+    outcome.evaluation = ev.evaluate(ground_truth, results, engine=args.engine, protocol=protocol, max_dets=max_dets)
+    progress.update("scoring", len(ground_truth["images"]), len(ground_truth["images"]), "images")
+    return outcome
 
 
 def _print_summary(summary: dict, errors: list[dict], frequency: dict | None) -> None:

@@ -61,9 +61,11 @@ def _masked_mean(values: np.ndarray) -> float | None:
     return float(np.mean(values)) if values.size else None
 
 
-def per_category(evaluation: Evaluation, ground_truth: dict, results: np.ndarray,
+def per_category(evaluation: Evaluation, ground_truth: dict, results: np.ndarray | dict[int, int],
                  train_counts: dict[int, int] | None = None) -> list[dict]:
     """One row per category of the ground truth: instances, detections, AP, AP50, AP75.
+
+    `results`: the scored detections as an (n, 7) COCO results array, or their count per category.
 
     AP is None for a category without (non-crowd) ground truth, as COCOeval marks it -1.
     LVIS: each row carries the category's `frequency` (rare, common, frequent) and rows are grouped
@@ -73,9 +75,9 @@ def per_category(evaluation: Evaluation, ground_truth: dict, results: np.ndarray
     gt = np.array([(a["category_id"], bool(a.get("iscrowd", 0))) for a in ground_truth["annotations"]],
                   dtype=np.int64).reshape(-1, 2)
     instance_ids, instance_counts = np.unique(gt[gt[:, 1] == 0, 0], return_counts=True)
-    det_ids, det_counts = np.unique(results[:, 6].astype(np.int64), return_counts=True)
     instances = dict(zip(instance_ids.tolist(), instance_counts.tolist()))
-    detections = dict(zip(det_ids.tolist(), det_counts.tolist()))
+    detections = results if isinstance(results, dict) else dict(zip(*(
+        a.tolist() for a in np.unique(results[:, 6].astype(np.int64), return_counts=True))))
     precision = evaluation.precision[:, :, :, 0, -1]  # area "all", the most detections (100; LVIS 300)
     lvis_groups = lvis_frequencies(ground_truth) if evaluation.protocol == "lvis" else {}
     iou50, iou75 = (int(np.argmin(np.abs(evaluation.iou_thresholds - t))) for t in (0.5, 0.75))

@@ -19,19 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.errors import UserError
+from pipelines.evaluation.accumulate import lvis_summary
 from pipelines.evaluation.inputs import Predictions, load_ground_truth, load_json, read_predictions  # noqa: F401
+from pipelines.evaluation.matching import IOU_THRESHOLDS, rank_within_runs
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-ENGINES = ("faster-coco-eval", "pycocotools")
+ENGINES = ("faster-coco-eval", "pycocotools")  # single-process COCO API engines; jobs.evaluate's default is
+# "sharded" (pipelines.evaluation.sharded: same numbers, parallel, no Python object per detection)
 PROTOCOLS = ("coco", "lvis")
 DEFAULT_MAX_DETS = {"coco": 100, "lvis": 300}
 FREQUENCIES = {"r": "rare", "c": "common", "f": "frequent"}  # LVIS categories' `frequency` field
-
-
-def lvis_stat_names(max_dets: int = 300) -> tuple[str, ...]:
-    """lvis-api's result names (LVISEval.get_results), AR named after the detections per image."""
-    return ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
-            f"AR@{max_dets}", f"ARs@{max_dets}", f"ARm@{max_dets}", f"ARl@{max_dets}")
 
 
 def detect_protocol(ground_truth: dict) -> str:
@@ -44,31 +41,34 @@ def to_coco_results(predictions: Predictions, ground_truth: dict, max_dets: int 
     """COCO results as an (n, 7) array [image_id, x, y, w, h, score, category_id].
 
     Checks the predictions against the ground truth first (image ids, category ids, one row per
-    image). Detections are ordered by image id then descending score, stably, so ties keep their
-    order inside a row and the result does not depend on how rows were split into files; pycocotools
-    sorts the same way (mergesort), so the AP equals that of the merged results json.
-    Only the top `max_dets` per image are kept.
+    image), then keeps the top `max_dets` per image in `canonical_order`.
     """
-    _check_against_ground_truth(predictions, ground_truth)
-    image_id = predictions.row_image_id[predictions.det_row]
-    order = np.lexsort((-predictions.scores, image_id))
-    order = order[_rank_within_runs(image_id[order]) < max_dets]
+    gt_images = np.array([img["id"] for img in ground_truth["images"]], dtype=np.int64)
+    gt_categories = np.array([c["id"] for c in ground_truth["categories"]], dtype=np.int64)
+    check_rows(predictions, gt_images, gt_categories)
+    image_id, order = canonical_order(predictions, max_dets)
     return np.column_stack(
-        [image_id[order], predictions.boxes[order], predictions.scores[order], predictions.category_ids[order]]
+        [image_id, predictions.boxes[order], predictions.scores[order], predictions.category_ids[order]]
     ).astype(np.float64, copy=False)
 
 
-def _rank_within_runs(sorted_keys: np.ndarray) -> np.ndarray:
-    """0, 1, 2, ... within each run of equal consecutive keys."""
-    n = len(sorted_keys)
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]) if n else np.zeros(0, np.int64)
-    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+def canonical_order(predictions: Predictions, max_dets: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image id, index) of the detections kept, by image id then descending score, stably.
+
+    Ties keep their order inside a row, so the result does not depend on how rows were split into
+    files; pycocotools and lvis-api sort the same way (mergesort; Python's stable sort), so the AP
+    equals that of the merged results json. Only the top `max_dets` per image are kept (LVIS's
+    LVISResults cap, and COCO's top 100).
+    """
+    image_id = predictions.row_image_id[predictions.det_row]
+    order = np.lexsort((-predictions.scores, image_id))
+    order = order[rank_within_runs(image_id[order]) < max_dets]
+    return image_id[order], order
 
 
-def _check_against_ground_truth(predictions: Predictions, ground_truth: dict) -> None:
+def check_rows(predictions: Predictions, gt_images: np.ndarray, gt_categories: np.ndarray) -> None:
     """Predictions that cannot belong to these annotations are user errors, named by file and column."""
     files, rows = predictions.files, predictions.row_image_id
-    gt_images = np.array([img["id"] for img in ground_truth["images"]], dtype=np.int64)
     unknown = np.flatnonzero(~np.isin(rows, gt_images))
     if len(unknown):
         first = unknown[0]
@@ -76,16 +76,7 @@ def _check_against_ground_truth(predictions: Predictions, ground_truth: dict) ->
             f"{files[predictions.row_file[first]]}: column 'image_id' has value {rows[first]}, absent from the "
             f"annotations ({len(unknown)} row(s) in all); predictions and --annotations must be of one image set"
         )
-    ids, counts = np.unique(rows, return_counts=True)
-    if (counts > 1).any():
-        dup = ids[np.argmax(counts > 1)]
-        where = sorted({files[i] for i in predictions.row_file[rows == dup]})
-        also = f" (also in {', '.join(where[1:])})" if len(where) > 1 else ""
-        raise UserError(
-            f"{where[0]}: column 'image_id' has value {dup} in {counts.max()} rows{also}; each image must be "
-            "predicted once: remove stale or duplicated prediction files"
-        )
-    gt_categories = np.array([c["id"] for c in ground_truth["categories"]], dtype=np.int64)
+    check_unique_rows(rows, predictions.row_file, files)
     bad = np.flatnonzero(~np.isin(predictions.category_ids, gt_categories))
     if len(bad):
         first = bad[0]
@@ -93,6 +84,19 @@ def _check_against_ground_truth(predictions: Predictions, ground_truth: dict) ->
             f"{files[predictions.row_file[predictions.det_row[first]]]}: column 'detections.category_id' has "
             f"value {predictions.category_ids[first]}, not a category of the annotations (known: "
             f"{_id_list(gt_categories)}); use the dataset's own category ids"
+        )
+
+
+def check_unique_rows(rows: np.ndarray, row_file: np.ndarray, files: list[str]) -> None:
+    """Each image predicted once: a second row (a stale or duplicated file) is a user error."""
+    ids, counts = np.unique(rows, return_counts=True)
+    if (counts > 1).any():
+        dup = ids[np.argmax(counts > 1)]
+        where = sorted({files[i] for i in row_file[rows == dup]})
+        also = f" (also in {', '.join(where[1:])})" if len(where) > 1 else ""
+        raise UserError(
+            f"{where[0]}: column 'image_id' has value {dup} in {counts.max()} rows{also}; each image must be "
+            "predicted once: remove stale or duplicated prediction files"
         )
 
 
@@ -133,7 +137,7 @@ def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str =
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     max_dets = max_dets or DEFAULT_MAX_DETS[protocol]
     if protocol == "lvis":
-        _check_lvis(ground_truth, engine)
+        check_lvis(ground_truth, engine)
     if engine == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -157,8 +161,7 @@ def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str =
     params = evaluator.params
     precision = np.asarray(evaluator.eval["precision"])
     if protocol == "lvis":
-        stats = _lvis_stats(precision, np.asarray(evaluator.eval["recall"]), np.asarray(params.iouThrs),
-                            evaluator.freq_groups, max_dets)
+        stats = lvis_summary(precision, np.asarray(evaluator.eval["recall"]), evaluator.freq_groups, max_dets)
     else:
         stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:12])}
     return Evaluation(stats=stats, precision=precision, category_ids=[int(c) for c in params.catIds],
@@ -166,34 +169,30 @@ def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str =
                       protocol=protocol, max_dets=int(params.maxDets[-1]))
 
 
-def _check_lvis(ground_truth: dict, engine: str) -> None:
-    if engine != "faster-coco-eval":
-        raise UserError(f"--engine {engine}: has no LVIS protocol; use --engine faster-coco-eval (it reproduces "
-                        "lvis-api) or --protocol coco")
+def curves_to_evaluation(precision: np.ndarray, recall: np.ndarray, ground_truth: dict, category_ids: np.ndarray,
+                         protocol: str, max_dets: list[int]) -> Evaluation:
+    """An Evaluation from accumulated curves (pycocotools' layout), with COCO's or LVIS's stats."""
+    from pipelines.evaluation.accumulate import RECALL_THRESHOLDS, coco_summary
+
+    if protocol == "lvis":
+        frequency = {c["id"]: c["frequency"] for c in ground_truth["categories"]}
+        groups = [[k for k, c in enumerate(category_ids.tolist()) if frequency[c] == f] for f in FREQUENCIES]
+        stats = lvis_summary(precision, recall, groups, max_dets[-1])
+    else:
+        stats = dict(zip(STAT_NAMES, coco_summary(precision, recall)))
+    return Evaluation(stats=stats, precision=precision, category_ids=category_ids.tolist(),
+                      iou_thresholds=IOU_THRESHOLDS, recall_thresholds=RECALL_THRESHOLDS, protocol=protocol,
+                      max_dets=max_dets[-1])
+
+
+def check_lvis(ground_truth: dict, engine: str) -> None:
+    if engine == "pycocotools":
+        raise UserError(f"--engine {engine}: has no LVIS protocol; use --engine sharded or faster-coco-eval (both "
+                        "reproduce lvis-api) or --protocol coco")
     unknown = [c.get("id") for c in ground_truth["categories"] if c.get("frequency") not in FREQUENCIES]
     if unknown:
         raise UserError(f"--annotations: category {unknown[0]} has no LVIS 'frequency' (r, c or f) "
                         f"({len(unknown)} in all); give LVIS ground truth or use --protocol coco")
-
-
-def _lvis_stats(precision: np.ndarray, recall: np.ndarray, iou_thresholds: np.ndarray,
-                frequency_groups: list[list[int]], max_dets: int) -> dict[str, float]:
-    """lvis-api's summarize(): means over entries > -1 of the same slices, in the same element order."""
-
-    def mean(values: np.ndarray) -> float:
-        values = values[values > -1]
-        return float(np.mean(values)) if values.size else -1.0
-
-    def at(iou: float) -> np.ndarray:
-        return np.flatnonzero(iou == iou_thresholds)
-
-    p, r = precision[..., 0], recall[..., 0]  # one max_dets
-    names = lvis_stat_names(max_dets)
-    values = [mean(p[:, :, :, 0]), mean(p[at(0.5)][:, :, :, 0]), mean(p[at(0.75)][:, :, :, 0]),
-              *(mean(p[:, :, :, a]) for a in (1, 2, 3)),
-              *(mean(p[:, :, group, 0]) for group in frequency_groups),
-              *(mean(r[:, :, a]) for a in (0, 1, 2, 3))]
-    return dict(zip(names, values))
 
 
 def coco_stats(ground_truth: dict, results: np.ndarray | list[dict]) -> dict[str, float]:
