@@ -161,8 +161,10 @@ def _assemble(gt: GroundTruthColumns, coco_max_dets: list[int], reduced) -> tupl
 
 def _run_local(gt, files, tasks, max_dets, coco_max_dets, workers, buckets, positives, progress):
     summaries = []
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(tasks))), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(score_files, gt, [files[i] for i in task], task, max_dets, buckets) for task in tasks]
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(tasks))), mp_context=get_context("spawn"),
+                             initializer=_keep_ground_truth, initargs=(gt,)) as pool:  # sent once per process
+        futures = [pool.submit(_score_files_here, [files[i] for i in task], task, max_dets, buckets)
+                   for task in tasks]
         for future in as_completed(futures):
             summaries.append(future.result())
             _report(progress, summaries, len(files))
@@ -172,6 +174,18 @@ def _run_local(gt, files, tasks, max_dets, coco_max_dets, workers, buckets, posi
             s.buckets = []
         reduced = [f.result() for f in reduced]
     return (*_assemble(gt, coco_max_dets, reduced), summaries)
+
+
+_WORKER_GROUND_TRUTH: GroundTruthColumns | None = None
+
+
+def _keep_ground_truth(gt: GroundTruthColumns) -> None:
+    global _WORKER_GROUND_TRUTH
+    _WORKER_GROUND_TRUTH = gt
+
+
+def _score_files_here(files: list[str], task: list[int], max_dets: int, buckets: int) -> ShardScore:
+    return score_files(_WORKER_GROUND_TRUTH, files, task, max_dets, buckets)
 
 
 def _run_in_process(gt, files, tasks, max_dets, coco_max_dets, workers, buckets, positives, progress):
