@@ -1,6 +1,7 @@
 """Benchmark: jobs.evaluate on sharded Parquet vs pycocotools on one merged results json.
 
     python bench/evaluate.py [--images 5000] [--detections 100] [--files 10] [--workdir DIR]
+        [--only NAME ...] [--no-json] [--save bench/results/evaluate-cpu.json]
 
 Generates ground truth (80 non-contiguous categories, ~7 boxes per image, 1% crowd, COCO-style
 `area` smaller than the box) and N detections per image (jittered ground truth plus random false
@@ -8,6 +9,9 @@ positives), written both as predictions Parquet in shuffled shards and as one re
 Each contender runs in its own process, so its peak RSS is its own: pycocotools (the reference),
 faster-coco-eval on the same json (where the speed comes from), and `python -m jobs.evaluate`
 end to end (read shards, check, score, write report, tables and PR curves). Stats must match.
+Peak memory is that of the whole process tree (the contender and every worker process it
+starts), sampled every 0.2 s. `--no-json` skips the merged json (20M result dicts do not fit
+pycocotools' memory anyway) and runs jobs.evaluate alone, for the large sizes.
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ CONTENDERS = {
 }
 
 
-def generate(workdir: Path, num_images: int, per_image: int, num_files: int, seed: int = 0) -> None:
+def generate(workdir: Path, num_images: int, per_image: int, num_files: int, seed: int = 0,
+             with_json: bool = True) -> None:
     """gt.json, results.json and predictions/part-*.parquet describing the same detections."""
     rng = np.random.default_rng(seed)
     category_ids = np.sort(rng.choice(np.arange(1, 91), 80, replace=False))
@@ -77,9 +82,10 @@ def generate(workdir: Path, num_images: int, per_image: int, num_files: int, see
 
     (workdir / "gt.json").write_text(json.dumps(ground_truth))
     boxes = np.concatenate([x1y1, x2y2 - x1y1], axis=1)  # xywh exactly as the evaluator derives it
-    (workdir / "results.json").write_text(json.dumps([
-        {"image_id": int(i) + 1, "category_id": int(c), "bbox": b, "score": s}
-        for i, c, b, s in zip(image, category, boxes.tolist(), score.astype(np.float64).tolist())]))
+    if with_json:
+        (workdir / "results.json").write_text(json.dumps([
+            {"image_id": int(i) + 1, "category_id": int(c), "bbox": b, "score": s}
+            for i, c, b, s in zip(image, category, boxes.tolist(), score.astype(np.float64).tolist())]))
 
     names = pa.array([f"class-{c}" for c in range(91)])
     detections = pa.StructArray.from_arrays(
@@ -135,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=10, help="Parquet shards")
     parser.add_argument("--workdir", help="keep the generated data here (default: a temporary folder)")
     parser.add_argument("--only", choices=list(CONTENDERS), action="append", help="run only these contenders")
+    parser.add_argument("--no-json", action="store_true", help="Parquet only: jobs.evaluate alone")
+    parser.add_argument("--save", metavar="FILE", help="append this run's figures to a JSON list in FILE")
     parser.add_argument("--child", choices=list(CONTENDERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -144,25 +152,71 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        generate(workdir, args.images, args.detections, args.files)
-        print(f"generated {args.images} images x {args.detections} detections in {args.files} shards "
-              f"({time.perf_counter() - start:.1f} s); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        if not (workdir / "gt.json").exists() or (not args.no_json and not (workdir / "results.json").exists()):
+            generate(workdir, args.images, args.detections, args.files, with_json=not args.no_json)
+        load_before = os.getloadavg()
+        print(f"data: {args.images} images x {args.detections} detections in {args.files} shards "
+              f"({time.perf_counter() - start:.1f} s); {os.cpu_count()} CPUs, load average {load_before[0]:.1f}")
         figures = {}
-        for name in args.only or CONTENDERS:
+        for name in args.only or (["jobs.evaluate"] if args.no_json else CONTENDERS):
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
             start = time.perf_counter()
-            child = subprocess.run([sys.executable, __file__, "--child", name, "--workdir", str(workdir)],
-                                   env=env, capture_output=True, text=True, check=True)
-            figures[name] = dict(json.loads(child.stdout.splitlines()[-1]), process=time.perf_counter() - start)
+            child = subprocess.Popen([sys.executable, __file__, "--child", name, "--workdir", str(workdir)],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            tree_peak = _peak_tree_rss(child)
+            out, err = child.communicate()
+            if child.returncode:
+                raise SystemExit(f"{name} failed ({child.returncode}): {err[-2000:]}")
+            figures[name] = dict(json.loads(out.splitlines()[-1]), process=time.perf_counter() - start,
+                                 peak_tree_rss_mb=tree_peak / 2 ** 20)
         report(figures)
-        print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % os.getloadavg())
+        load_after = os.getloadavg()
+        print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % load_after)
+        if args.save:
+            _save(Path(args.save), {"images": args.images, "detections_per_image": args.detections,
+                                    "files": args.files, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                                    "load_average_before": load_before, "load_average_after": load_after,
+                                    "contenders": figures})
+
+
+def _peak_tree_rss(process: subprocess.Popen, every_s: float = 0.2) -> int:
+    """Largest sum of RSS over a process and all its descendants (from /proc), sampled until it exits."""
+    page, peak = os.sysconf("SC_PAGE_SIZE"), 0
+    while process.poll() is None:
+        parents = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    parents[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+                except (OSError, ValueError):
+                    pass
+        tree, frontier = {process.pid}, [process.pid]
+        while frontier:
+            children = [pid for pid, ppid in parents.items() if ppid in frontier and pid not in tree]
+            tree.update(children)
+            frontier = children
+        total = 0
+        for pid in tree:
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                pass
+        peak = max(peak, total)
+        time.sleep(every_s)
+    return peak
+
+
+def _save(path: Path, record: dict) -> None:
+    runs = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(runs + [record], indent=1) + "\n")
 
 
 def report(figures: dict) -> None:
-    print(f"{'':32} {'seconds':>8} {'process s':>9} {'peak RSS':>9}  AP")
+    print(f"{'':32} {'seconds':>8} {'process s':>9} {'peak RSS':>9} {'tree peak':>10}  AP")
     for name, f in figures.items():
-        print(f"{CONTENDERS[name]:32} {f['seconds']:8.1f} {f['process']:9.1f} {f['peak_rss_mb']:6.0f} MB  "
-              f"{f['stats'][0]:.6f}")
+        print(f"{CONTENDERS[name]:32} {f['seconds']:8.1f} {f['process']:9.1f} {f['peak_rss_mb']:6.0f} MB "
+              f"{f['peak_tree_rss_mb']:7.0f} MB  {f['stats'][0]:.6f}")
     if "pycocotools" in figures:
         base = figures["pycocotools"]
         for name, f in figures.items():

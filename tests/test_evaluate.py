@@ -22,7 +22,7 @@ import pytest
 from jobs import evaluate as job
 from jobs.cli import run
 from pipelines.evaluation import scoring as ev
-from pipelines.evaluation import report
+from pipelines.evaluation import inputs, report, sharded
 from pipelines.formats import shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,12 @@ def pycocotools_stats(tmp_path: Path, ground_truth: dict, results: list[dict]) -
     return pycocotools_run(tmp_path, ground_truth, results)[0]
 
 
+ENGINES = ("sharded", *ev.ENGINES)  # jobs.evaluate's default and the two COCO API paths
+
+
 def stats_of(folder: Path, ground_truth: dict, engine: str = "faster-coco-eval") -> list[float]:
+    if engine == "sharded":
+        return list(sharded.score(str(folder), ground_truth, "coco", 100, workers=1).evaluation.stats.values())
     results = ev.to_coco_results(ev.read_predictions(str(folder)), ground_truth)
     return list(ev.evaluate(ground_truth, results, engine=engine).stats.values())
 
@@ -150,7 +155,7 @@ def test_reference_stats_equal_published_however_split(tmp_path, shared_data, nu
     ground_truth = json.loads((reference / "instances_val2014_100.json").read_text())
     results = json.loads((reference / "instances_val2014_fakebbox100_results.json").read_text())
     folder = write_split(tmp_path / "pred", prediction_rows(ground_truth, results), num_files, seed=num_files or 0)
-    for engine in ev.ENGINES:
+    for engine in ENGINES:
         np.testing.assert_allclose(stats_of(folder, ground_truth, engine), PUBLISHED, rtol=0, atol=1e-12)
 
 
@@ -160,7 +165,7 @@ def test_generated_stats_equal_pycocotools_on_merged_json(tmp_path, dataset, num
     expected = pycocotools_stats(tmp_path, ground_truth, results)
     assert expected[0] > 0.1 and -1 not in expected  # a fixture that exercises every stat
     folder = write_split(tmp_path / "pred", prediction_rows(ground_truth, results), num_files, seed=3)
-    for engine in ev.ENGINES:
+    for engine in ENGINES:
         np.testing.assert_allclose(stats_of(folder, ground_truth, engine), expected, rtol=0, atol=1e-12)
 
 
@@ -168,7 +173,7 @@ def test_small_read_batches_give_the_same_results(tmp_path, dataset, monkeypatch
     ground_truth, results = dataset
     folder = write_split(tmp_path / "pred", prediction_rows(ground_truth, results), 2)
     whole = ev.to_coco_results(ev.read_predictions(str(folder)), ground_truth)
-    monkeypatch.setattr(ev, "_BATCH_ROWS", 3)
+    monkeypatch.setattr(inputs, "_BATCH_ROWS", 3)
     np.testing.assert_array_equal(ev.to_coco_results(ev.read_predictions(str(folder)), ground_truth), whole)
 
 
@@ -190,7 +195,7 @@ def test_empty_predictions_score_zero(tmp_path, dataset):
     write_rows(folder / "zero-rows.parquet", [])
     predictions = ev.read_predictions(str(folder))
     assert predictions.num_rows == len(ground_truth["images"]) and len(predictions.scores) == 0
-    for engine in ev.ENGINES:
+    for engine in ENGINES:
         assert stats_of(folder, ground_truth, engine) == [0.0] * 12
 
 
@@ -232,7 +237,7 @@ def test_detections_inside_a_crowd_region_are_ignored_not_false_positives(tmp_pa
     not_crowd = copy.deepcopy(gt)
     not_crowd["annotations"][1]["iscrowd"] = 0
     assert stats_of(folder, not_crowd)[0] < 0.5  # the same boxes are false positives without the flag
-    for engine in ev.ENGINES:
+    for engine in ENGINES:
         assert stats_of(folder, gt, engine) == pytest.approx(pycocotools_stats(tmp_path, gt, results), abs=1e-12)
 
 

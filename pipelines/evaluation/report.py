@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipelines.formats import shards
 from pipelines import storage
 from pipelines.errors import UserError
-from pipelines.evaluation.scoring import STAT_NAMES, Evaluation, load_json
+from pipelines.evaluation.scoring import FREQUENCIES, STAT_NAMES, Evaluation, load_json
 
 # LVIS (Gupta et al. 2019): rare 1-10 training images, common 11-100, frequent > 100.
 FREQUENCY_GROUPS = (("rare", 1, 10), ("common", 11, 100), ("frequent", 101, None))
@@ -41,26 +41,45 @@ def summary_lines(stats: dict[str, float]) -> list[str]:
     return lines
 
 
+def lvis_summary_lines(stats: dict[str, float], max_dets: int, iou_thresholds=(0.5, 0.95)) -> list[str]:
+    """The LVIS stats in exactly lvis-api's printed format (LVISEval.print_results)."""
+    lines = []
+    for key, value in stats.items():
+        kind = "AP" if "AP" in key else "AR"
+        iou = f"{float(key[2:]) / 100:0.2f}" if key[2:3].isdigit() else f"{iou_thresholds[0]:0.2f}:{iou_thresholds[-1]:0.2f}"
+        group = key[2] if key[2:3] in ("r", "c", "f") else "all"
+        area = key[2] if key[2:3] in ("s", "m", "l") else "all"
+        title = "Average Precision" if kind == "AP" else "Average Recall"
+        lines.append(f" {title:<18} ({kind}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets:>3d} "
+                     f"catIds={group:>3s}] = {value:0.3f}")
+    return lines
+
+
 def _masked_mean(values: np.ndarray) -> float | None:
     """COCOeval's averaging: the mean over entries > -1 (-1 marks categories without ground truth)."""
     values = values[values > -1]
     return float(np.mean(values)) if values.size else None
 
 
-def per_category(evaluation: Evaluation, ground_truth: dict, results: np.ndarray,
+def per_category(evaluation: Evaluation, ground_truth: dict, results: np.ndarray | dict[int, int],
                  train_counts: dict[int, int] | None = None) -> list[dict]:
     """One row per category of the ground truth: instances, detections, AP, AP50, AP75.
 
+    `results`: the scored detections as an (n, 7) COCO results array, or their count per category.
+
     AP is None for a category without (non-crowd) ground truth, as COCOeval marks it -1.
+    LVIS: each row carries the category's `frequency` (rare, common, frequent) and rows are grouped
+    by it, rare first, as lvis-api's APr/APc/APf group them.
     """
     names = {c["id"]: c.get("name", str(c["id"])) for c in ground_truth["categories"]}
     gt = np.array([(a["category_id"], bool(a.get("iscrowd", 0))) for a in ground_truth["annotations"]],
                   dtype=np.int64).reshape(-1, 2)
     instance_ids, instance_counts = np.unique(gt[gt[:, 1] == 0, 0], return_counts=True)
-    det_ids, det_counts = np.unique(results[:, 6].astype(np.int64), return_counts=True)
     instances = dict(zip(instance_ids.tolist(), instance_counts.tolist()))
-    detections = dict(zip(det_ids.tolist(), det_counts.tolist()))
-    precision = evaluation.precision[:, :, :, 0, -1]  # area "all", maxDets 100
+    detections = results if isinstance(results, dict) else dict(zip(*(
+        a.tolist() for a in np.unique(results[:, 6].astype(np.int64), return_counts=True))))
+    precision = evaluation.precision[:, :, :, 0, -1]  # area "all", the most detections (100; LVIS 300)
+    lvis_groups = lvis_frequencies(ground_truth) if evaluation.protocol == "lvis" else {}
     iou50, iou75 = (int(np.argmin(np.abs(evaluation.iou_thresholds - t))) for t in (0.5, 0.75))
     rows = []
     for k, cat in enumerate(evaluation.category_ids):
@@ -70,8 +89,18 @@ def per_category(evaluation: Evaluation, ground_truth: dict, results: np.ndarray
         if train_counts is not None:
             row["train_images"] = train_counts.get(cat, 0)
             row["frequency"] = frequency_group(row["train_images"])
+        elif evaluation.protocol == "lvis":
+            row["frequency"] = lvis_groups[cat]
         rows.append(row)
+    if evaluation.protocol == "lvis" and train_counts is None:
+        order = {name: k for k, (name, _, _) in enumerate(FREQUENCY_GROUPS)}
+        rows.sort(key=lambda r: order[r["frequency"]])  # stable: category ids ascending within a group
     return rows
+
+
+def lvis_frequencies(ground_truth: dict) -> dict[int, str]:
+    """Category id -> 'rare' / 'common' / 'frequent', from LVIS categories' `frequency` (r, c, f)."""
+    return {int(c["id"]): FREQUENCIES[c["frequency"]] for c in ground_truth["categories"]}
 
 
 def train_image_counts(uri: str) -> dict[int, int]:
@@ -131,7 +160,12 @@ def frequency_group(train_images: int) -> str | None:
 
 def frequency_ap(evaluation: Evaluation, train_counts: dict[int, int]) -> dict:
     """AP_rare / AP_common / AP_frequent, averaged like COCO AP over the group's categories (LVIS)."""
-    groups = np.array([frequency_group(train_counts.get(c, 0)) or "" for c in evaluation.category_ids])
+    return group_ap(evaluation, {c: frequency_group(train_counts.get(c, 0)) for c in evaluation.category_ids})
+
+
+def group_ap(evaluation: Evaluation, group_of: dict[int, str | None]) -> dict:
+    """AP of each frequency group of categories (`group_of`: category id -> rare/common/frequent)."""
+    groups = np.array([group_of.get(c) or "" for c in evaluation.category_ids])
     precision = evaluation.precision[:, :, :, 0, -1]
     out = {f"AP_{name}": _masked_mean(precision[:, :, groups == name]) for name, _, _ in FREQUENCY_GROUPS}
     out["categories"] = {name: int((groups == name).sum()) for name, _, _ in FREQUENCY_GROUPS}
@@ -179,7 +213,7 @@ def pr_curve_png(evaluation: Evaluation, iou: float) -> bytes:
                 label=f"mean of {len(curves)} categories (AP{round(iou * 100)} = {mean.mean():.3f})")
         ax.legend(loc="lower left")
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
-           title=f"Precision-recall at IoU {iou:.2f} (area all, 100 detections)")
+           title=f"Precision-recall at IoU {iou:.2f} (area all, {evaluation.max_dets} detections)")
     ax.grid(alpha=0.3)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

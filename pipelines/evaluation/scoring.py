@@ -14,223 +14,61 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipelines import storage
 from pipelines.errors import UserError
+from pipelines.evaluation.accumulate import lvis_summary
+from pipelines.evaluation.inputs import Predictions, load_ground_truth, load_json, read_predictions  # noqa: F401
+from pipelines.evaluation.matching import IOU_THRESHOLDS, rank_within_runs
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-ENGINES = ("faster-coco-eval", "pycocotools")
-_SCHEMA_HINT = "the predictions schema of DESIGN.md, as written by jobs.infer"
-_DETECTION_FIELDS = {  # name -> (type check, expected type in messages)
-    "x1": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
-    "y1": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
-    "x2": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
-    "y2": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
-    "score": (pa.types.is_floating, "float32"),
-    "category_id": (pa.types.is_integer, "int32"),
-}
-_BATCH_ROWS = 16_384  # Parquet rows decoded at a time: memory stays bounded whatever the file size
-_READ_THREADS = 8  # files in flight: object stores are latency-bound, pyarrow releases the GIL
+ENGINES = ("faster-coco-eval", "pycocotools")  # single-process COCO API engines; jobs.evaluate's default is
+# "sharded" (pipelines.evaluation.sharded: same numbers, parallel, no Python object per detection)
+PROTOCOLS = ("coco", "lvis")
+DEFAULT_MAX_DETS = {"coco": 100, "lvis": 300}
+FREQUENCIES = {"r": "rare", "c": "common", "f": "frequent"}  # LVIS categories' `frequency` field
 
 
-@dataclass
-class Predictions:
-    """All rows of a predictions folder as flat numpy columns (no per-row Python objects).
-
-    Rows are images (`row_*`, one entry per Parquet row); detections are flattened
-    (`det_row` points each detection at its row), so a million detections cost ~50 MB.
-    """
-
-    files: list[str]
-    row_image_id: np.ndarray  # int64
-    row_file: np.ndarray  # int32 index into `files`
-    det_row: np.ndarray  # int64 index into the rows
-    boxes: np.ndarray  # (n, 4) float64 x1, y1, x2, y2 in original pixels
-    scores: np.ndarray  # float64 (stored as float32)
-    category_ids: np.ndarray  # int64
-    errors: list[dict] = field(default_factory=list)  # rows with `error` set: file, image_id, uri, error
-    models: list[str] = field(default_factory=list)  # distinct values of the `model` column
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.row_image_id)
-
-
-def load_json(uri: str) -> object:
-    """A JSON document from any URI; a malformed one is a user error naming it."""
-    try:
-        return json.loads(storage.read_bytes(uri))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{uri}: not valid JSON ({str(exc).splitlines()[0]})") from None
-
-
-def load_ground_truth(uri: str) -> dict:
-    """Read a COCO annotations json and check the keys evaluation relies on."""
-    data = load_json(uri)
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise UserError(f"{uri}: missing COCO key(s) {', '.join(missing)}; give a COCO instances json")
-    return data
-
-
-def read_predictions(uri: str) -> Predictions:
-    """Read every Parquet file under `uri` (a file, a folder or a bucket prefix)."""
-    files = storage.list_files(uri, suffixes=[".parquet"])
-    if not files:
-        raise UserError(f"{uri}: no .parquet files found; give the --output of jobs.infer")
-    with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(files))) as pool:
-        parts = list(pool.map(_read_file, files))
-    columns = _concat(parts)
-    return Predictions(
-        files=files,
-        row_image_id=columns.pop("image_id"),
-        row_file=np.repeat(np.arange(len(files), dtype=np.int32), [len(p["image_id"]) for p in parts]),
-        models=sorted(columns.pop("models")),
-        **columns,
-    )
-
-
-def _read_file(uri: str) -> dict:
-    fs, path = storage.arrow_filesystem(uri)
-    try:
-        handle = fs.open_input_file(path)
-    except OSError as exc:
-        raise storage.describe_error(uri, exc) from None
-    with handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as exc:
-            raise UserError(f"{uri}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-        _check_schema(parquet.schema_arrow, uri)
-        columns = [c for c in ("image_id", "detections", "error", "uri", "model") if c in parquet.schema_arrow.names]
-        batches = [_read_batch(b, uri) for b in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns)]
-        if not batches:  # a file with no rows still contributes typed, empty columns
-            schema = pa.schema([parquet.schema_arrow.field(c) for c in columns])
-            batches = [_read_batch(pa.RecordBatch.from_pylist([], schema=schema), uri)]
-    return _concat(batches)
-
-
-def _concat(parts: list[dict]) -> dict:
-    """Join the columns of consecutive row ranges (batches of a file, files of a folder)."""
-    row_offsets = np.cumsum([0] + [len(p["image_id"]) for p in parts[:-1]])
-    return {
-        "image_id": np.concatenate([p["image_id"] for p in parts]),
-        "det_row": np.concatenate([p["det_row"] + offset for p, offset in zip(parts, row_offsets)]),
-        "boxes": np.concatenate([p["boxes"] for p in parts]),
-        "scores": np.concatenate([p["scores"] for p in parts]),
-        "category_ids": np.concatenate([p["category_ids"] for p in parts]),
-        "errors": [e for p in parts for e in p["errors"]],
-        "models": set().union(*(p["models"] for p in parts)),
-    }
-
-
-def _check_schema(schema: pa.Schema, uri: str) -> None:
-    """Fail on the first column that differs from the predictions schema, naming it."""
-
-    def wrong(column: str, found: object, expected: str) -> UserError:
-        return UserError(f"{uri}: column '{column}' is {found}, expected {expected} ({_SCHEMA_HINT})")
-
-    for name in ("image_id", "detections"):
-        if name not in schema.names:
-            raise UserError(f"{uri}: column '{name}' is missing; expected {_SCHEMA_HINT}")
-    if not pa.types.is_integer(schema.field("image_id").type):
-        raise wrong("image_id", schema.field("image_id").type, "int64")
-    det_type = schema.field("detections").type
-    expected = "list<struct<x1, y1, x2, y2: float64, score: float32, category_id: int32, category: string>>"
-    if not (pa.types.is_list(det_type) or pa.types.is_large_list(det_type)) or not pa.types.is_struct(
-        det_type.value_type
-    ):
-        raise wrong("detections", det_type, expected)
-    struct = det_type.value_type
-    for name, (accepts, expected_type) in _DETECTION_FIELDS.items():
-        if struct.get_field_index(name) < 0:
-            raise UserError(f"{uri}: column 'detections.{name}' is missing; expected {expected}")
-        if not accepts(struct.field(name).type):
-            raise wrong(f"detections.{name}", struct.field(name).type, expected_type)
-    for name in ("error", "uri", "model"):
-        if name in schema.names:
-            t = schema.field(name).type
-            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
-                raise wrong(name, t, "string")
-
-
-def _read_batch(batch: pa.RecordBatch, uri: str) -> dict:
-    """One record batch -> flat numpy columns, with nulls where values are needed rejected."""
-    image_id = batch.column("image_id")
-    if image_id.null_count:
-        raise UserError(
-            f"{uri}: column 'image_id' has {image_id.null_count} null value(s); predictions of custom images "
-            "(no COCO image id) cannot be scored against COCO annotations"
-        )
-    detections = batch.column("detections")
-    lengths = pc.fill_null(pc.list_value_length(detections), 0).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(detections)
-    if flat.null_count:
-        raise UserError(f"{uri}: column 'detections' holds {flat.null_count} null detection(s)")
-    values = {}
-    for name in _DETECTION_FIELDS:
-        column = pc.struct_field(flat, name)
-        if column.null_count:
-            raise UserError(f"{uri}: column 'detections.{name}' has {column.null_count} null value(s)")
-        values[name] = column.to_numpy(zero_copy_only=False)
-        bad = np.count_nonzero(~np.isfinite(values[name])) if values[name].dtype.kind == "f" else 0
-        if bad:
-            raise UserError(f"{uri}: column 'detections.{name}' has {bad} NaN or infinite value(s)")
-    errors, models = [], set()
-    if "error" in batch.schema.names and batch.column("error").null_count < batch.num_rows:
-        failed = batch.select([c for c in ("image_id", "uri", "error") if c in batch.schema.names])
-        errors = [dict(row, file=uri) for row in failed.filter(pc.is_valid(batch.column("error"))).to_pylist()]
-    if "model" in batch.schema.names:
-        models = set(pc.unique(batch.column("model")).drop_null().to_pylist())
-    return {
-        "image_id": image_id.to_numpy(zero_copy_only=False).astype(np.int64, copy=False),
-        "det_row": np.repeat(np.arange(batch.num_rows, dtype=np.int64), lengths),
-        "boxes": np.stack([values[k].astype(np.float64, copy=False) for k in ("x1", "y1", "x2", "y2")], axis=1),
-        "scores": values["score"].astype(np.float64),
-        "category_ids": values["category_id"].astype(np.int64, copy=False),
-        "errors": errors,
-        "models": models,
-    }
-
-
+def detect_protocol(ground_truth: dict) -> str:
+    """'lvis' for LVIS's federated ground truth (categories with `frequency`, images listing
+    `neg_category_ids` / `not_exhaustive_category_ids`), 'coco' otherwise."""
+    categories, images = ground_truth["categories"], ground_truth["images"]
+    federated = any("neg_category_ids" in i or "not_exhaustive_category_ids" in i for i in images[:1000])
+    return "lvis" if federated or (categories and all("frequency" in c for c in categories)) else "coco"
 def to_coco_results(predictions: Predictions, ground_truth: dict, max_dets: int = 100) -> np.ndarray:
     """COCO results as an (n, 7) array [image_id, x, y, w, h, score, category_id].
 
     Checks the predictions against the ground truth first (image ids, category ids, one row per
-    image). Detections are ordered by image id then descending score, stably, so ties keep their
-    order inside a row and the result does not depend on how rows were split into files; pycocotools
-    sorts the same way (mergesort), so the AP equals that of the merged results json.
-    Only the top `max_dets` per image are kept.
+    image), then keeps the top `max_dets` per image in `canonical_order`.
     """
-    _check_against_ground_truth(predictions, ground_truth)
-    image_id = predictions.row_image_id[predictions.det_row]
-    order = np.lexsort((-predictions.scores, image_id))
-    order = order[_rank_within_runs(image_id[order]) < max_dets]
-    x1, y1, x2, y2 = predictions.boxes[order].T
+    gt_images = np.array([img["id"] for img in ground_truth["images"]], dtype=np.int64)
+    gt_categories = np.array([c["id"] for c in ground_truth["categories"]], dtype=np.int64)
+    check_rows(predictions, gt_images, gt_categories)
+    image_id, order = canonical_order(predictions, max_dets)
     return np.column_stack(
-        [image_id[order], x1, y1, x2 - x1, y2 - y1, predictions.scores[order], predictions.category_ids[order]]
+        [image_id, predictions.boxes[order], predictions.scores[order], predictions.category_ids[order]]
     ).astype(np.float64, copy=False)
 
 
-def _rank_within_runs(sorted_keys: np.ndarray) -> np.ndarray:
-    """0, 1, 2, ... within each run of equal consecutive keys."""
-    n = len(sorted_keys)
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]) if n else np.zeros(0, np.int64)
-    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+def canonical_order(predictions: Predictions, max_dets: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image id, index) of the detections kept, by image id then descending score, stably.
+
+    Ties keep their order inside a row, so the result does not depend on how rows were split into
+    files; pycocotools and lvis-api sort the same way (mergesort; Python's stable sort), so the AP
+    equals that of the merged results json. Only the top `max_dets` per image are kept (LVIS's
+    LVISResults cap, and COCO's top 100).
+    """
+    image_id = predictions.row_image_id[predictions.det_row]
+    order = np.lexsort((-predictions.scores, image_id))
+    order = order[rank_within_runs(image_id[order]) < max_dets]
+    return image_id[order], order
 
 
-def _check_against_ground_truth(predictions: Predictions, ground_truth: dict) -> None:
+def check_rows(predictions: Predictions, gt_images: np.ndarray, gt_categories: np.ndarray) -> None:
     """Predictions that cannot belong to these annotations are user errors, named by file and column."""
     files, rows = predictions.files, predictions.row_image_id
-    gt_images = np.array([img["id"] for img in ground_truth["images"]], dtype=np.int64)
     unknown = np.flatnonzero(~np.isin(rows, gt_images))
     if len(unknown):
         first = unknown[0]
@@ -238,16 +76,7 @@ def _check_against_ground_truth(predictions: Predictions, ground_truth: dict) ->
             f"{files[predictions.row_file[first]]}: column 'image_id' has value {rows[first]}, absent from the "
             f"annotations ({len(unknown)} row(s) in all); predictions and --annotations must be of one image set"
         )
-    ids, counts = np.unique(rows, return_counts=True)
-    if (counts > 1).any():
-        dup = ids[np.argmax(counts > 1)]
-        where = sorted({files[i] for i in predictions.row_file[rows == dup]})
-        also = f" (also in {', '.join(where[1:])})" if len(where) > 1 else ""
-        raise UserError(
-            f"{where[0]}: column 'image_id' has value {dup} in {counts.max()} rows{also}; each image must be "
-            "predicted once: remove stale or duplicated prediction files"
-        )
-    gt_categories = np.array([c["id"] for c in ground_truth["categories"]], dtype=np.int64)
+    check_unique_rows(rows, predictions.row_file, files)
     bad = np.flatnonzero(~np.isin(predictions.category_ids, gt_categories))
     if len(bad):
         first = bad[0]
@@ -255,6 +84,19 @@ def _check_against_ground_truth(predictions: Predictions, ground_truth: dict) ->
             f"{files[predictions.row_file[predictions.det_row[first]]]}: column 'detections.category_id' has "
             f"value {predictions.category_ids[first]}, not a category of the annotations (known: "
             f"{_id_list(gt_categories)}); use the dataset's own category ids"
+        )
+
+
+def check_unique_rows(rows: np.ndarray, row_file: np.ndarray, files: list[str]) -> None:
+    """Each image predicted once: a second row (a stale or duplicated file) is a user error."""
+    ids, counts = np.unique(rows, return_counts=True)
+    if (counts > 1).any():
+        dup = ids[np.argmax(counts > 1)]
+        where = sorted({files[i] for i in row_file[rows == dup]})
+        also = f" (also in {', '.join(where[1:])})" if len(where) > 1 else ""
+        raise UserError(
+            f"{where[0]}: column 'image_id' has value {dup} in {counts.max()} rows{also}; each image must be "
+            "predicted once: remove stale or duplicated prediction files"
         )
 
 
@@ -273,16 +115,29 @@ class Evaluation:
     category_ids: list[int]  # order of the category axis
     iou_thresholds: np.ndarray
     recall_thresholds: np.ndarray
+    protocol: str = "coco"
+    max_dets: int = 100  # the largest of COCOeval's maxDets (LVIS: 300)
 
 
-def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str = "faster-coco-eval") -> Evaluation:
-    """COCOeval for bounding boxes with default parameters, over every ground-truth image.
+def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str = "faster-coco-eval",
+             protocol: str = "coco", max_dets: int | None = None) -> Evaluation:
+    """COCOeval for bounding boxes over every ground-truth image, by COCO's or LVIS's protocol.
 
     `results` is an (n, 7) array as from `to_coco_results` or a COCO results list of dicts.
     Images without detections count as misses (COCOeval's image ids come from the ground truth).
+    LVIS (faster-coco-eval's `lvis_style`, which reproduces lvis-api): one `max_dets` (300) per
+    image and category, detections of categories an image neither has nor lists in
+    `neg_category_ids` dropped, unmatched ones of `not_exhaustive_category_ids` ignored, and
+    APr/APc/APf over the categories' `frequency`. Keeping the top `max_dets` per image across
+    categories (lvis-api's LVISResults) is `to_coco_results`' job.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    max_dets = max_dets or DEFAULT_MAX_DETS[protocol]
+    if protocol == "lvis":
+        check_lvis(ground_truth, engine)
     if engine == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -296,18 +151,48 @@ def evaluate(ground_truth: dict, results: np.ndarray | list[dict], engine: str =
         gt = _coco(COCO, ground_truth)
         dt = _coco(COCO, {"images": ground_truth["images"], "categories": ground_truth["categories"],
                           "annotations": annotations})
-        evaluator = COCOeval(gt, dt, "bbox")
+        evaluator = COCOeval(gt, dt, "bbox", **({"lvis_style": True} if protocol == "lvis" else {}))
+        if protocol == "lvis":
+            evaluator.params.maxDets = [max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
+        if protocol == "coco":
+            evaluator.summarize()
     params = evaluator.params
-    return Evaluation(
-        stats={name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:12])},
-        precision=np.asarray(evaluator.eval["precision"]),
-        category_ids=[int(c) for c in params.catIds],
-        iou_thresholds=np.asarray(params.iouThrs),
-        recall_thresholds=np.asarray(params.recThrs),
-    )
+    precision = np.asarray(evaluator.eval["precision"])
+    if protocol == "lvis":
+        stats = lvis_summary(precision, np.asarray(evaluator.eval["recall"]), evaluator.freq_groups, max_dets)
+    else:
+        stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:12])}
+    return Evaluation(stats=stats, precision=precision, category_ids=[int(c) for c in params.catIds],
+                      iou_thresholds=np.asarray(params.iouThrs), recall_thresholds=np.asarray(params.recThrs),
+                      protocol=protocol, max_dets=int(params.maxDets[-1]))
+
+
+def curves_to_evaluation(precision: np.ndarray, recall: np.ndarray, ground_truth: dict, category_ids: np.ndarray,
+                         protocol: str, max_dets: list[int]) -> Evaluation:
+    """An Evaluation from accumulated curves (pycocotools' layout), with COCO's or LVIS's stats."""
+    from pipelines.evaluation.accumulate import RECALL_THRESHOLDS, coco_summary
+
+    if protocol == "lvis":
+        frequency = {c["id"]: c["frequency"] for c in ground_truth["categories"]}
+        groups = [[k for k, c in enumerate(category_ids.tolist()) if frequency[c] == f] for f in FREQUENCIES]
+        stats = lvis_summary(precision, recall, groups, max_dets[-1])
+    else:
+        stats = dict(zip(STAT_NAMES, coco_summary(precision, recall)))
+    return Evaluation(stats=stats, precision=precision, category_ids=category_ids.tolist(),
+                      iou_thresholds=IOU_THRESHOLDS, recall_thresholds=RECALL_THRESHOLDS, protocol=protocol,
+                      max_dets=max_dets[-1])
+
+
+def check_lvis(ground_truth: dict, engine: str) -> None:
+    if engine == "pycocotools":
+        raise UserError(f"--engine {engine}: has no LVIS protocol; use --engine sharded or faster-coco-eval (both "
+                        "reproduce lvis-api) or --protocol coco")
+    unknown = [c.get("id") for c in ground_truth["categories"] if c.get("frequency") not in FREQUENCIES]
+    if unknown:
+        raise UserError(f"--annotations: category {unknown[0]} has no LVIS 'frequency' (r, c or f) "
+                        f"({len(unknown)} in all); give LVIS ground truth or use --protocol coco")
 
 
 def coco_stats(ground_truth: dict, results: np.ndarray | list[dict]) -> dict[str, float]:
