@@ -25,6 +25,19 @@ DEFAULTS = dict(preset="tiny", num_workers=2, use_gpu=False, batch_size=8, epoch
                 val_data=None, seed=0, log_every=20, warmup_steps=None, weight_decay=1e-4, cls_loss="focal",
                 num_cpus=None, name="retinanet", placement="PACK", scale_jitter=None, fail_at_step=None, debug_dir=None,
                 repeat_factor_threshold=None)
+# Loss knobs for the paper's ablations (bench/ablation.py); None keeps the preset's value.
+LOSS_OPTIONS = ("focal_gamma", "focal_alpha", "prior_prob", "ohem_batch", "ohem_nms", "ohem_ratio")
+DEFAULTS.update(dict.fromkeys(LOSS_OPTIONS))
+
+
+def _number(kind: type, low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = False):
+    """An argparse type: `kind` within [low, high] (open ends where asked); argparse exits 2 otherwise."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 0)")
-    p.add_argument("--cls-loss", choices=["focal", "seesaw"], help="classification loss (seesaw: long-tailed data)")
+    p.add_argument("--cls-loss", choices=["focal", "seesaw", "ohem"],
+                   help="classification loss (seesaw: long-tailed data; ohem: the paper's hard-mining baseline)")
+    p.add_argument("--focal-gamma", type=_number(float, 0), help="focal loss gamma (default 2; 0 = alpha-balanced CE)")
+    p.add_argument("--focal-alpha", type=_number(float, 0, 1), help="focal loss alpha (default 0.25)")
+    p.add_argument("--prior-prob", type=_number(float, 0, 1, high_open=True),
+                   help="prior for the class-logit bias (default 0.01; 0 = zero bias)")
+    p.add_argument("--ohem-batch", type=_number(int, 1), help="--cls-loss ohem: anchors kept per image (default 128)")
+    p.add_argument("--ohem-nms", type=_number(float, 0, 1, low_open=True),
+                   help="--cls-loss ohem: IoU of the NMS by loss (default 0.5)")
+    p.add_argument("--ohem-ratio", type=_number(float, 0, low_open=True),
+                   help="--cls-loss ohem: negatives per positive (3 = OHEM 1:3; default: none)")
     p.add_argument("--repeat-factor-threshold", type=float,
                    help="LVIS repeat-factor sampling for long-tailed data, t (e.g. 0.001); off by default")
     p.add_argument("--scale-jitter", type=float, nargs=2, metavar=("LO", "HI"), help="random image scale factor range")
@@ -91,6 +114,7 @@ def model_config(options: dict, categories: list[dict]) -> dict:
     import retinanet
 
     overrides = {"num_classes": len(categories), "cls_loss": options["cls_loss"]}
+    overrides.update({k: options[k] for k in LOSS_OPTIONS if options.get(k) is not None})
     if options["image_size"]:
         overrides["min_size"] = options["image_size"]
         overrides["max_size"] = options["max_size"] or int(round(options["image_size"] * 1333 / 800))

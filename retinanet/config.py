@@ -36,9 +36,14 @@ class RetinaNetConfig:
     bg_iou: float = 0.4
     allow_low_quality_matches: bool = True
     # Losses
-    cls_loss: str = "focal"  # focal | seesaw (decoupled objectness + Seesaw over classes)
-    focal_alpha: float = 0.25
+    cls_loss: str = "focal"  # focal | seesaw (decoupled objectness + Seesaw over classes) | ohem
+    focal_alpha: float = 0.25  # alpha-balanced CE is focal_gamma = 0 (paper's best alpha there: 0.75)
     focal_gamma: float = 2.0
+    # OHEM (paper, Table 1d; best: 128 anchors per image, NMS 0.5, no ratio): per image the
+    # anchors with the highest cross-entropy after NMS over the anchor boxes by loss.
+    ohem_batch: int = 128  # anchors kept per image
+    ohem_nms: float = 0.5  # IoU threshold of the NMS by loss
+    ohem_ratio: float | None = None  # negatives per positive (3 = "OHEM 1:3"); None: highest loss only
     box_loss: str = "smooth_l1"  # smooth_l1 (beta = 0 is L1, torchvision v1) | giou (v2)
     smooth_l1_beta: float = 0.11
     seesaw_p: float = 0.8
@@ -65,12 +70,20 @@ class RetinaNetConfig:
             "p6_from": ("c5", "p5"),
             "norm": ("frozen_bn", "bn", "sync_bn"),
             "head_norm": (None, "group"),
-            "cls_loss": ("focal", "seesaw"),
+            "cls_loss": ("focal", "seesaw", "ohem"),
             "box_loss": ("smooth_l1", "giou"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RetinaNetConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if not 0 <= self.prior_prob < 1:
+            raise ValueError(f"RetinaNetConfig.prior_prob must be in [0, 1) (0: zero bias), got {self.prior_prob}")
+        if self.focal_gamma < 0 or not 0 <= self.focal_alpha <= 1:
+            raise ValueError(f"RetinaNetConfig needs focal_gamma >= 0 and 0 <= focal_alpha <= 1, "
+                             f"got {self.focal_gamma}, {self.focal_alpha}")
+        if self.ohem_batch < 1 or not 0 < self.ohem_nms <= 1 or (self.ohem_ratio is not None and self.ohem_ratio <= 0):
+            raise ValueError(f"RetinaNetConfig needs ohem_batch >= 1, 0 < ohem_nms <= 1, ohem_ratio > 0 or None; "
+                             f"got {self.ohem_batch}, {self.ohem_nms}, {self.ohem_ratio}")
         if self.num_classes < 1:
             raise ValueError(f"RetinaNetConfig.num_classes must be >= 1, got {self.num_classes}")
         if len(self.anchor_sizes) != 5:

@@ -45,7 +45,8 @@ class ClassificationHead(nn.Module):
         self.conv = _tower(c, cfg.head_convs, cfg.head_norm)
         self.cls_logits = nn.Conv2d(c, a * cfg.num_classes, kernel_size=3, padding=1)
         nn.init.normal_(self.cls_logits.weight, std=0.01)
-        prior_bias = -math.log((1 - cfg.prior_prob) / cfg.prior_prob)
+        # prior_prob 0 means no prior: zero bias, as in the paper's ablation of the initialisation.
+        prior_bias = -math.log((1 - cfg.prior_prob) / cfg.prior_prob) if cfg.prior_prob > 0 else 0.0
         self.cosine = cfg.cosine_logits and cfg.cls_loss == "seesaw"
         self.temperature = cfg.cosine_temperature
         if cfg.cls_loss == "seesaw":

@@ -1,7 +1,10 @@
 """RetinaNet losses, batched over images: sigmoid focal loss over all non-ignored anchors, a box
 loss on positives, both normalized by the number of positive anchors in the whole batch (and
 across DDP workers), as in the paper. With ``cls_loss="seesaw"``: focal loss on a decoupled
-objectness logit and Seesaw Loss (Wang et al.) over the classes of positive anchors.
+objectness logit and Seesaw Loss (Wang et al.) over the classes of positive anchors. With
+``cls_loss="ohem"``: cross entropy on the anchors picked by online hard example mining (see
+`retinanet.ohem`), averaged over them: the paper's Table 1d baseline. Focal loss with gamma = 0
+is the alpha-balanced cross entropy of its Table 1a.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from retinanet.config import RetinaNetConfig
 from retinanet.matching import IGNORE, match_anchors
+from retinanet.ohem import ohem_selection
 
 
 def _distributed() -> bool:
@@ -93,10 +97,17 @@ def detection_losses(head_outputs: dict, anchors: torch.Tensor, targets: dict, c
     normalizer = positives_normalizer(positive.sum())
 
     losses = {}
-    if cfg.cls_loss == "focal":
+    if cfg.cls_loss in ("focal", "ohem"):
         onehot = torch.zeros_like(cls_logits).scatter_(-1, gt_labels[..., None], positive[..., None].to(cls_logits))
+    if cfg.cls_loss == "focal":
         focal = sigmoid_focal_loss(cls_logits, onehot, cfg.focal_alpha, cfg.focal_gamma, reduction="none")
         losses["classification"] = (focal.sum(-1) * counted).sum() / normalizer
+    elif cfg.cls_loss == "ohem":
+        cross_entropy = F.binary_cross_entropy_with_logits(cls_logits, onehot, reduction="none").sum(-1)  # [B, A]
+        hard = ohem_selection(cross_entropy, anchors, positive, matched != IGNORE, cfg.ohem_batch, cfg.ohem_nms,
+                              cfg.ohem_ratio)
+        # Averaged over the kept anchors (all workers' mean count, as for the positives).
+        losses["classification"] = (cross_entropy * hard).sum() / positives_normalizer(hard.sum())
     else:
         objectness = head_outputs["objectness"].float()
         focal = sigmoid_focal_loss(objectness, positive.to(objectness), cfg.focal_alpha, cfg.focal_gamma, reduction="none")
