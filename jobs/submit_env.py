@@ -25,7 +25,7 @@ FORWARDED_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
 # Names that hold (or point at) a credential. Checked on every variable we are asked to send,
 # so that `--env` or `--runtime-env-json` cannot carry one by accident.
 SECRET_NAME = re.compile(
-    r"SECRET|TOKEN|PASSW|PASSPHRASE|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_KEY|SESSION|AUTH",
+    r"SECRET|TOKEN|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_KEY|(^|_)KEY$",
     re.IGNORECASE)
 FORWARD_WARNING = ("forwarding {names} by --forward-env: Ray stores runtime envs in the job "
                    "record (Jobs API, dashboard) and logs them on every node of the cluster")
