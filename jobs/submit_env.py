@@ -60,7 +60,8 @@ def refuse_secrets(env_vars: dict[str, str], allowed: set[str], where: str) -> N
         if is_secret_name(name) and name not in allowed:
             raise UserError(f"{where} {name}: looks like a secret, which Ray would keep in the "
                             "job record and its logs; give the cluster its own credentials "
-                            f"(cluster/README.md) or pass --forward-env {name} if you must")
+                            f"(cluster/README.md), or export it and pass --forward-env {name} "
+                            "if you must")
 
 
 def project_requirements(working_dir: Path) -> list[str]:
