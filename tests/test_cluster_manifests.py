@@ -299,6 +299,10 @@ def test_token_auth_through_authoptions_so_the_operator_sends_the_token_too():
     for name, spec, obj in _ray_objects():
         auth = spec["authOptions"]
         assert auth["mode"] == "token", name
+        # The operator refuses token auth below Ray 2.52 (its own validation, not the CRD's).
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0), name
+        if obj["kind"] == "RayJob":  # KubeRay: at most 47 characters, a DNS-1035 label
+            assert re.fullmatch(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?", obj["metadata"]["name"]), name
         assert "auth_token" in secrets[auth["secretName"]]["stringData"], name
         for where, container in _all_containers(spec, obj):
             env = _env(container)
