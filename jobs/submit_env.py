@@ -25,7 +25,7 @@ FORWARDED_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
 # Names that hold (or point at) a credential. Checked on every variable we are asked to send,
 # so that `--env` or `--runtime-env-json` cannot carry one by accident.
 SECRET_NAME = re.compile(
-    r"SECRET|TOKEN|PASSW|PASSPHRASE|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_KEY|SESSION|AUTH",
+    r"SECRET|TOKEN|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_KEY|(^|_)KEY$",
     re.IGNORECASE)
 FORWARD_WARNING = ("forwarding {names} by --forward-env: Ray stores runtime envs in the job "
                    "record (Jobs API, dashboard) and logs them on every node of the cluster")
@@ -60,7 +60,8 @@ def refuse_secrets(env_vars: dict[str, str], allowed: set[str], where: str) -> N
         if is_secret_name(name) and name not in allowed:
             raise UserError(f"{where} {name}: looks like a secret, which Ray would keep in the "
                             "job record and its logs; give the cluster its own credentials "
-                            f"(cluster/README.md) or pass --forward-env {name} if you must")
+                            f"(cluster/README.md), or export it and pass --forward-env {name} "
+                            "if you must")
 
 
 def project_requirements(working_dir: Path) -> list[str]:

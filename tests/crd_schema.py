@@ -33,8 +33,9 @@ def crd_versions() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def load_schema(kind: str, version: str) -> dict:
     """The strict JSON Schema of `kind` (RayCluster or RayJob), API version ray.io/v1."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 8x faster on 2 MB
     with gzip.open(CRD_DIR / CRD_FILES[kind].format(v=version), "rt") as f:
-        crd = yaml.safe_load(f)
+        crd = yaml.load(f, Loader=loader)
     v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return to_json_schema(v1["schema"]["openAPIV3Schema"], root=True)
 

@@ -210,6 +210,17 @@ def test_strict_validation_catches_a_misspelt_field_and_a_bad_quantity():
     assert len(problems.splitlines()) == 3, problems
 
 
+def test_strict_schema_honours_preserve_unknown_fields_and_int_or_string():
+    schema = crd_schema.to_json_schema({"type": "object", "properties": {
+        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                 "properties": {"known": {"type": "string"}}},
+        "port": {"x-kubernetes-int-or-string": True}}})
+    assert crd_schema.errors({"free": {"known": "x", "other": 1}, "port": 8265}, schema) == []
+    assert crd_schema.errors({"port": "http"}, schema) == []
+    assert len(crd_schema.errors({"port": 1.5}, schema)) == 1
+    assert "'extra' was unexpected" in crd_schema.errors({"extra": 1}, schema)[0]
+
+
 def test_images_carry_the_projects_ray_version_and_the_right_flavour():
     version = pinned_ray()
     assert ray.__version__ == version, "the installed Ray differs from pyproject's pin: make venv"
@@ -288,6 +299,10 @@ def test_token_auth_through_authoptions_so_the_operator_sends_the_token_too():
     for name, spec, obj in _ray_objects():
         auth = spec["authOptions"]
         assert auth["mode"] == "token", name
+        # The operator refuses token auth below Ray 2.52 (its own validation, not the CRD's).
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0), name
+        if obj["kind"] == "RayJob":  # KubeRay: at most 47 characters, a DNS-1035 label
+            assert re.fullmatch(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?", obj["metadata"]["name"]), name
         assert "auth_token" in secrets[auth["secretName"]]["stringData"], name
         for where, container in _all_containers(spec, obj):
             env = _env(container)

@@ -332,7 +332,7 @@ def test_log_stream_reconnects_after_a_dropped_connection_and_prints_each_line_o
     does: the stream reconnects while the job runs, and no line is lost or printed twice."""
     upstream = int(ray_head["address"].rsplit(":", 1)[1])
     proxy = TcpProxy(upstream)
-    code = ("import time\nfor i in range(30):\n    print(f'line {i:02d}', flush=True)\n"
+    code = ("import time\nfor i in range(40):\n    print(f'line {i:02d}', flush=True)\n"
             "    time.sleep(0.25)")
     stderr = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen(
@@ -357,7 +357,7 @@ def test_log_stream_reconnects_after_a_dropped_connection_and_prints_each_line_o
         proxy.stop()
     stderr.seek(0)
     errors = stderr.read()
-    assert [s for s in seen if s.startswith("line ")] == [f"line {i:02d}" for i in range(30)], \
+    assert [s for s in seen if s.startswith("line ")] == [f"line {i:02d}" for i in range(40)], \
         errors
     assert "log stream dropped" in errors and "SUCCEEDED" in errors
     assert proxy.accepted > before  # it did reconnect through the restarted proxy
