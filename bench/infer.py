@@ -13,7 +13,8 @@ and infer-<device>-device.json (3):
    is printed beside. On a shared 2-core machine both move by 2x or more with other load.
 2. memory of `jobs.infer` at 1k vs 10k images, each in a fresh process: the driver's peak RSS
    and the peak PSS of the largest Ray worker [ratio <= 1.2].
-3. --device cuda: the job's own decode (`decode_units`, 14 threads) feeding its `Detector` on
+3. --device cuda: the job's own read + decode (`units.read_uris`, `preprocess_images_batch`, 14
+   threads) feeding its `Detector` on
    one GPU, R50-FPN at 800 px with AMP: images/s and GPU utilization (nvidia-smi, steady state)
    [>= 200 images/s, >= 80 %]. Needs no Ray, pycocotools or s3fs.
 """
@@ -174,10 +175,11 @@ def memory_runs(workdir: Path, args) -> dict:
 
 def device_run(args) -> dict:
     """The job's decode + Detector on one device, no Ray: images/s and GPU utilization."""
-    import pyarrow as pa
     import torch
 
-    from pipelines.inference.bulk import Detector, decode_units
+    from pipelines.images.transforms import preprocess_images_batch
+    from pipelines.inference.detector import Detector
+    from pipelines.inference.units import read_uris
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-infer-"))
     paths = write_images(workdir / "images", min(args.num_images, 512), 480, 640)
@@ -187,7 +189,7 @@ def device_run(args) -> dict:
     detector = Detector(checkpoint, model_name="bench", use_gpu=args.device == "cuda", amp=args.amp,
                         threads=None if args.device == "cuda" else os.cpu_count())
     size = dict(min_size=args.image_size, max_size=round(args.image_size * 1333 / 800))
-    specs = [pa.Table.from_pylist([{"unit": k, "uris": uris[i:i + args.batch_size], "image_ids": []}])
+    specs = [{"unit": k, "uris": uris[i:i + args.batch_size], "image_ids": None}
              for k, i in enumerate(range(0, len(uris), args.batch_size))]
     batches: queue.Queue = queue.Queue(maxsize=8)
     pool = ThreadPoolExecutor(args.decode_threads)
@@ -195,7 +197,7 @@ def device_run(args) -> dict:
     def feed():  # decode ahead, a bounded window of batches in flight
         window: deque = deque()
         for spec in specs:
-            window.append(pool.submit(lambda s: pa.concat_tables(decode_units(s, **size, chunk=args.batch_size)), spec))
+            window.append(pool.submit(lambda s: preprocess_images_batch(read_uris(s, 0, len(s["uris"])), **size), spec))
             if len(window) >= 2 * args.decode_threads:
                 batches.put(window.popleft().result())
         while window:

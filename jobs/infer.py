@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-actors", type=int, help="the same as --num-actors MIN:MAX, in two flags")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per detector actor")
     p.add_argument("--cpus-per-actor", type=int, default=1,
-                   help="CPUs per detector: its read+decode threads (and torch threads on CPU) (default 1)")
+                   help="CPUs each detector reserves (torch threads on CPU) (default 1)")
+    p.add_argument("--decode-threads", type=int,
+                   help="read+decode threads per detector, ahead of its model (default: --cpus-per-actor; with "
+                        f"--use-gpu {inference.GPU_DECODE_THREADS}: reserve them with --cpus-per-actor on shared nodes)")
     p.add_argument("--score-threshold", type=float, help="keep detections scoring above this (default: the model's, 0.05)")
     p.add_argument("--max-detections", type=int, default=100, help="detections kept per image (default 100)")
     p.add_argument("--image-size", type=int, help="shorter side after resize (default: the model's, 800 for R50); "
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
     """Exit-2 checks that need no I/O, before anything slow starts."""
-    for name in ("batch_size", "unit_size", "max_detections", "cpus_per_actor", "image_size", "max_pixels"):
+    for name in ("batch_size", "unit_size", "max_detections", "cpus_per_actor", "decode_threads", "image_size",
+                 "max_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
@@ -189,7 +193,8 @@ def run_job(args: argparse.Namespace) -> inference.RunStats:
     low, high = _pool_size(args)
     options = inference.InferenceOptions(
         batch_size=args.batch_size, min_actors=low, max_actors=high, use_gpu=args.use_gpu,
-        cpus_per_actor=args.cpus_per_actor, score_thresh=args.score_threshold, max_detections=args.max_detections,
+        cpus_per_actor=args.cpus_per_actor, decode_threads=args.decode_threads, score_thresh=args.score_threshold,
+        max_detections=args.max_detections,
         min_size=min_size, max_size=max_size, max_pixels=args.max_pixels, amp=args.amp if args.use_gpu else None,
         debug_sleep=args.debug_sleep, progress_seconds=args.progress_every)
     settings = {"input": args.input, "input_list": args.input_list, "kind": kind, "unit_size": args.unit_size,

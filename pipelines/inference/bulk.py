@@ -29,6 +29,9 @@ from pipelines.inference.units import RECORD_SCHEMA, UnitWorker
 # (canvas fill, host-to-device copy, building rows) runs, instead of leaving the GPU idle.
 CALLS_PER_GPU = 2
 PROGRESS_SECONDS = 30.0
+# Read+decode threads of a GPU actor: a GPU detecting ~200 images/s at 800 px needs ~8 cores of
+# JPEG decode+resize (bench/infer.py --device cuda fed it with 14).
+GPU_DECODE_THREADS = 8
 
 
 @dataclass
@@ -40,6 +43,7 @@ class InferenceOptions:
     max_actors: int | None = 1  # None: as many as the cluster gives
     use_gpu: bool = False
     cpus_per_actor: int = 1
+    decode_threads: int | None = None  # per actor; None: cpus_per_actor, or GPU_DECODE_THREADS with a GPU
     score_thresh: float | None = None
     max_detections: int | None = None
     min_size: int = 800
@@ -120,7 +124,8 @@ def run_inference(plan: plans.Plan, done: np.ndarray, output: str, checkpoint, m
             UnitWorker, batch_size=1, batch_format="pyarrow", compute=pool,
             num_gpus=1 if o.use_gpu else 0, num_cpus=o.cpus_per_actor,
             fn_constructor_kwargs={
-                "checkpoint": ref, "output": output, "chunk": o.batch_size, "threads": o.cpus_per_actor,
+                "checkpoint": ref, "output": output, "chunk": o.batch_size,
+                "threads": o.decode_threads or (GPU_DECODE_THREADS if o.use_gpu else o.cpus_per_actor),
                 "decode": {"min_size": o.min_size, "max_size": o.max_size, "max_pixels": o.max_pixels},
                 "detector": {"model_name": model_name, "score_thresh": o.score_thresh, "max_detections": o.max_detections,
                              "use_gpu": o.use_gpu, "amp": o.amp, "threads": o.cpus_per_actor},

@@ -208,14 +208,16 @@ def _listing(uri: str) -> Iterator[list[str]]:
 
 def _cut(pages: Iterator[list[str]], unit_size: int, image_ids: list[int] | None = None) -> Iterator[dict]:
     """Pages of URIs -> unit rows of `unit_size` URIs (the last one shorter)."""
-    pending, unit, taken = [], 0, 0
+    pending, unit = [], 0
     for page in pages:
         pending.extend(page)
-        while len(pending) >= unit_size:
-            yield _uri_unit(unit, pending[:unit_size], image_ids, taken)
-            pending, unit, taken = pending[unit_size:], unit + 1, taken + unit_size
+        cut = len(pending) - len(pending) % unit_size
+        for start in range(0, cut, unit_size):
+            yield _uri_unit(unit, pending[start:start + unit_size], image_ids, unit * unit_size)
+            unit += 1
+        del pending[:cut]
     if pending:
-        yield _uri_unit(unit, pending, image_ids, taken)
+        yield _uri_unit(unit, pending, image_ids, unit * unit_size)
 
 
 def _uri_unit(unit: int, uris: list[str], image_ids: list[int] | None, first: int) -> dict:
