@@ -99,7 +99,7 @@ class Matches:
 
     category: list[np.ndarray]  # int32 category index
     image: list[np.ndarray]  # int32 image index
-    rank: list[np.ndarray]  # int16 position in its (image, category) list, by score
+    rank: list[np.ndarray]  # int32 position in its (image, category) list, by score
     score: list[np.ndarray]  # float64
     matched: list[np.ndarray]  # uint16 bit t: matched at IoU threshold t
     ignored: list[np.ndarray]  # uint16 bit t: ignored at IoU threshold t
@@ -203,7 +203,7 @@ def _per_area(category, image, rank, score, matched, ignored) -> Matches:
         counts = ~ig.all(axis=1)  # ignored at every threshold: no effect on COCOeval's curves
         out.category.append(category[counts].astype(np.int32))
         out.image.append(image[counts].astype(np.int32))
-        out.rank.append(rank[counts].astype(np.int16))
+        out.rank.append(rank[counts].astype(np.int32))
         out.score.append(score[counts])
         out.matched.append((m[counts] * bits).sum(axis=1).astype(np.uint16))
         out.ignored.append((ig[counts] * bits).sum(axis=1).astype(np.uint16))
