@@ -130,7 +130,11 @@ def run_contender(name: str, workdir: Path) -> dict:
             evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
         seconds = time.perf_counter() - start
         stats = [float(s) for s in evaluator.stats[:12]]
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would include this benchmark's
+    # parent at fork time (its generated data), not only the contender
+    status = Path("/proc/self/status").read_text()
+    peak_mb = int(status.split("VmHWM:")[1].split()[0]) / 1024 if "VmHWM:" in status else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "peak_rss_mb": peak_mb, "stats": stats}
 
 

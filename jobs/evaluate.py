@@ -2,7 +2,7 @@
 json) against COCO or LVIS ground truth.
 
     python -m jobs.evaluate --predictions URI --annotations URI [--output URI] [--protocol auto|coco|lvis]
-        [--max-dets N] [--train-manifest URI] [--progress SECONDS]
+        [--max-dets N] [--train-manifest URI] [--progress SECONDS] [--workers N] [--executor auto|local|ray]
 
 Prints pycocotools' 12-line summary (LVIS: lvis-api's 13 lines); with --output also writes
 report.json, per-category AP (CSV and Markdown) and precision-recall curves at IoU 0.5 and 0.75.
@@ -10,6 +10,12 @@ Every ground-truth image is scored: an image without a prediction row, or whose 
 `error`, counts as misses, and both are counted in the report rather than dropped silently.
 LVIS ground truth (categories with `frequency`, images with `neg_category_ids`) is scored by
 LVIS's federated protocol unless --protocol coco says otherwise.
+
+Scoring (pipelines.evaluation.sharded) runs in parallel over the prediction files, as numpy arrays,
+in local processes or, on a Ray cluster, Ray tasks (map: 1 CPU, 1 GiB; reduce: 1 CPU, sized from
+its matches). As a Ray job the driver needs 1 CPU and memory for the ground truth (~1 KiB per
+annotation) plus 12 bytes per prediction row: `ray job submit --entrypoint-num-cpus 1
+--entrypoint-memory ...`; it holds no detection.
 """
 from __future__ import annotations
 

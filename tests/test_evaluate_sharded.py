@@ -109,3 +109,14 @@ def test_an_image_in_two_files_is_a_user_error_across_tasks(tmp_path, coco_refer
     (tmp_path / "extra" / "part-00000.parquet").rename(folder / "zz-stale.parquet")
     with pytest.raises(UserError, match=r"zz-stale\.parquet.*column 'image_id'|column 'image_id'.*zz-stale"):
         sharded.score(str(folder), ground_truth, "coco", 100, workers=2, executor="local", task_bytes=1)
+
+
+def test_annotations_of_unlisted_images_or_categories_are_not_scored(tmp_path):
+    ground_truth, results = make_dataset(seed=7, num_images=20)
+    stray = dict(ground_truth["annotations"][0], id=10_000, image_id=999_999)
+    odd = dict(ground_truth["annotations"][1], id=10_001, category_id=55)
+    ground_truth["annotations"] += [stray, odd]
+    expected = pycocotools_stats(tmp_path, ground_truth, results)
+    folder = write_split(tmp_path / "pred", prediction_rows(ground_truth, results), 2)
+    outcome = sharded.score(str(folder), ground_truth, "coco", 100, workers=1)
+    assert list(outcome.evaluation.stats.values()) == pytest.approx(expected, abs=1e-12)

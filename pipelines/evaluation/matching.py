@@ -65,9 +65,11 @@ def ground_truth_columns(ground_truth: dict, protocol: str) -> GroundTruthColumn
     image_ids = np.unique(np.array([i["id"] for i in ground_truth["images"]], dtype=np.int64))
     category_ids = np.unique(np.array([c["id"] for c in ground_truth["categories"]], dtype=np.int64))
     anns = ground_truth["annotations"]
-    image = np.searchsorted(image_ids, np.array([a["image_id"] for a in anns], dtype=np.int64))
-    category = np.searchsorted(category_ids, np.array([a["category_id"] for a in anns], dtype=np.int64))
-    order = np.argsort(image, kind="stable")  # by image, json order within
+    image = _index_of(image_ids, np.array([a["image_id"] for a in anns], dtype=np.int64))
+    category = _index_of(category_ids, np.array([a["category_id"] for a in anns], dtype=np.int64))
+    # by image, json order within; annotations of unlisted images or categories are never scored (COCOeval)
+    order = np.flatnonzero((image >= 0) & (category >= 0))
+    order = order[np.argsort(image[order], kind="stable")]
     box = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
     area = np.array([a["area"] for a in anns], dtype=np.float64)
     crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
@@ -78,7 +80,9 @@ def ground_truth_columns(ground_truth: dict, protocol: str) -> GroundTruthColumn
     def keys(field: str) -> np.ndarray:
         pairs = [(i["id"], c) for i in ground_truth["images"] for c in i.get(field, [])]
         ids = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-        return np.unique(np.searchsorted(image_ids, ids[:, 0]) * k + np.searchsorted(category_ids, ids[:, 1]))
+        image, category = _index_of(image_ids, ids[:, 0]), _index_of(category_ids, ids[:, 1])
+        known = (image >= 0) & (category >= 0)
+        return np.unique(image[known] * k + category[known])
 
     lvis = protocol == "lvis"
     return GroundTruthColumns(
@@ -95,7 +99,7 @@ class Matches:
 
     category: list[np.ndarray]  # int32 category index
     image: list[np.ndarray]  # int32 image index
-    rank: list[np.ndarray]  # int16 position in its (image, category) list, by score
+    rank: list[np.ndarray]  # int32 position in its (image, category) list, by score
     score: list[np.ndarray]  # float64
     matched: list[np.ndarray]  # uint16 bit t: matched at IoU threshold t
     ignored: list[np.ndarray]  # uint16 bit t: ignored at IoU threshold t
@@ -199,11 +203,19 @@ def _per_area(category, image, rank, score, matched, ignored) -> Matches:
         counts = ~ig.all(axis=1)  # ignored at every threshold: no effect on COCOeval's curves
         out.category.append(category[counts].astype(np.int32))
         out.image.append(image[counts].astype(np.int32))
-        out.rank.append(rank[counts].astype(np.int16))
+        out.rank.append(rank[counts].astype(np.int32))
         out.score.append(score[counts])
         out.matched.append((m[counts] * bits).sum(axis=1).astype(np.uint16))
         out.ignored.append((ig[counts] * bits).sum(axis=1).astype(np.uint16))
     return out
+
+
+def _index_of(sorted_ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Position of each value in `sorted_ids`, -1 where absent."""
+    if not len(sorted_ids):
+        return np.full(len(values), -1)
+    pos = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == values, pos, -1)
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -8,13 +8,16 @@ ordering (score, then image, then rank) is the one pycocotools' stable sort prod
 results json. The driver sees only the per-row image ids (to reject an image predicted twice
 across files), small counts, and the per-category curves.
 
-Executors: local processes (`concurrent.futures`, spawn) on one machine; Ray tasks when the job
-runs on a Ray cluster (RAY_ADDRESS set, as under `ray job submit`) or when asked, with the ground
-truth columns put in the object store once and map outputs left there for the reduce tasks.
+Executors: local processes (`concurrent.futures`, spawn) on one machine, map outputs spilled to a
+temporary folder for the reduce tasks; Ray tasks when the job runs on a Ray cluster (RAY_ADDRESS
+set, as under `ray job submit`) or when asked, with the ground truth columns put in the object
+store once and map outputs left there for the reduce tasks. Either way the driver holds no
+detection. Inputs smaller than one task are scored in the driver's process.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -160,23 +163,25 @@ def _assemble(gt: GroundTruthColumns, coco_max_dets: list[int], reduced) -> tupl
 
 
 def _run_local(gt, files, tasks, max_dets, coco_max_dets, workers, buckets, positives, progress):
+    """Worker processes; map outputs go to a temporary folder (one .npz per task and bucket), so this
+    process holds no detection, like the driver on Ray."""
     summaries = []
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(tasks))), mp_context=get_context("spawn"),
-                             initializer=_keep_ground_truth, initargs=(gt,)) as pool:  # sent once per process
-        futures = [pool.submit(_score_files_here, [files[i] for i in task], task, max_dets, buckets)
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as spill, ProcessPoolExecutor(
+            max_workers=max(1, min(workers, len(tasks))), mp_context=get_context("spawn"),
+            initializer=_keep_ground_truth, initargs=(gt,)) as pool:  # the ground truth is sent once per process
+        futures = [pool.submit(_score_files_here, [files[i] for i in task], task, max_dets, buckets, spill)
                    for task in tasks]
         for future in as_completed(futures):
             summaries.append(future.result())
             _report(progress, summaries, len(files))
-        reduced = [pool.submit(reduce_bucket, [s.buckets[b] for s in summaries], positives, coco_max_dets, b,
-                               buckets) for b in range(buckets)]
-        for s in summaries:
-            s.buckets = []
+        reduced = [pool.submit(_reduce_spilled, [_spill_path(spill, s.files[0], b) for s in summaries], positives,
+                               coco_max_dets, b, buckets) for b in range(buckets)]
         reduced = [f.result() for f in reduced]
     return (*_assemble(gt, coco_max_dets, reduced), summaries)
 
 
 _WORKER_GROUND_TRUTH: GroundTruthColumns | None = None
+_FIELDS = ("category", "image", "rank", "score", "matched", "ignored")
 
 
 def _keep_ground_truth(gt: GroundTruthColumns) -> None:
@@ -184,8 +189,27 @@ def _keep_ground_truth(gt: GroundTruthColumns) -> None:
     _WORKER_GROUND_TRUTH = gt
 
 
-def _score_files_here(files: list[str], task: list[int], max_dets: int, buckets: int) -> ShardScore:
-    return score_files(_WORKER_GROUND_TRUTH, files, task, max_dets, buckets)
+def _spill_path(folder: str, first_file: int, bucket: int) -> str:
+    return os.path.join(folder, f"task-{first_file:08d}-bucket-{bucket:05d}.npz")
+
+
+def _score_files_here(files: list[str], task: list[int], max_dets: int, buckets: int, spill: str) -> ShardScore:
+    """Map in a worker process: the matches of each bucket saved to `spill`, the summary returned."""
+    score = score_files(_WORKER_GROUND_TRUTH, files, task, max_dets, buckets)
+    for b, part in enumerate(score.buckets):
+        np.savez(_spill_path(spill, task[0], b), **{f"{f}{a}": getattr(part, f)[a] for f in _FIELDS
+                                                  for a in range(len(part.category))})
+    score.buckets = []
+    return score
+
+
+def _reduce_spilled(paths: list[str], positives, coco_max_dets, bucket, buckets):
+    parts = []
+    for path in paths:
+        with np.load(path) as data:
+            areas = sum(1 for name in data.files if name.startswith("category"))
+            parts.append(Matches(*([data[f"{f}{a}"] for a in range(areas)] for f in _FIELDS)))
+    return reduce_bucket(parts, positives, coco_max_dets, bucket, buckets)
 
 
 def _run_in_process(gt, files, tasks, max_dets, coco_max_dets, workers, buckets, positives, progress):
