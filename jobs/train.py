@@ -174,6 +174,7 @@ def plan_epochs(options: dict, num_images: int) -> tuple[list[int], int]:
         raise UserError(f"{options['data']}: {num_images} images are fewer than one global batch "
                         f"({workers} workers x {batch}); lower --batch-size or --num-workers")
     wanted = math.ceil(options["epochs"]) + 1 if options["epochs"] else options["max_steps"] // plain_steps + 2
+    wanted = min(wanted, 1000)  # sizes for logging; later epochs reuse the last one
     sizes = np.full(wanted, num_images, np.int64)
     if options["repeat_factor_threshold"]:
         from pipelines.evaluation.report import category_image_pairs, train_image_counts

@@ -154,3 +154,37 @@ def test_readers_name_the_fix_for_bad_uris(tmp_path, s3_server):
         image_files_dataset(str(tmp_path))
     with pytest.raises(UserError, match="not found"):
         image_files_dataset("s3://no-such-bucket-yy/images")
+
+
+def _shard_rows(width: int, height: int, n: int = 6):
+    import pyarrow as pa
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 100, 50)).save(buf, format="PNG")
+    return pa.table({"image_id": pa.array(range(1, n + 1), pa.int64()), "image": pa.array([buf.getvalue()] * n),
+                     "boxes": pa.array([[[1.0, 2.0, 30.0, 20.0]]] * n, pa.list_(pa.list_(pa.float32()))),
+                     "category_id": pa.array([[1]] * n, pa.list_(pa.int32())),
+                     "iscrowd": pa.array([[False]] * n, pa.list_(pa.bool_()))})
+
+
+def test_scale_jitter_keeps_the_max_size_cap():
+    """detectron2's ResizeShortestEdge: the jitter draws the shorter side; the longer side stays capped."""
+    from pipelines.images.transforms import preprocess_batch
+
+    rows = preprocess_batch(_shard_rows(400, 100, n=20), category_ids=[1], min_size=100, max_size=200, train=True,
+                            scale_jitter=(0.8, 1.2))
+    assert set(rows["width"].tolist()) == {200}, "a 4:1 image: the cap decides, whatever the jitter (was 160-240)"
+    square = preprocess_batch(_shard_rows(100, 100, n=20), category_ids=[1], min_size=100, max_size=110, train=True,
+                              scale_jitter=(0.8, 1.2))
+    assert max(square["height"]) == 110 and min(square["height"]) < 100
+
+
+def test_collate_uses_the_models_mean_and_std():
+    from pipelines.images.transforms import preprocess_batch
+
+    rows = preprocess_batch(_shard_rows(32, 32, n=2), category_ids=[1], min_size=32, max_size=32, train=False)
+    default = DetectionCollate(32)(rows)["images"]
+    own = DetectionCollate(32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 1.0))(rows)["images"]
+    expected = (np.array([200, 100, 50]) / 255 - 0.5) / np.array([0.5, 0.25, 1.0])
+    np.testing.assert_allclose(own[0, :, 5, 5].numpy(), expected, rtol=1e-5)
+    assert not np.allclose(default[0, :, 5, 5].numpy(), expected)
