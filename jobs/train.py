@@ -24,7 +24,7 @@ DEFAULTS = dict(preset="tiny", num_workers=2, use_gpu=False, batch_size=8, epoch
                 image_size=None, max_size=None, amp=None, init=None, checkpoint_every=100, keep=3, max_failures=0,
                 val_data=None, seed=0, log_every=20, warmup_steps=None, weight_decay=1e-4, cls_loss="focal",
                 num_cpus=None, name="retinanet", placement="PACK", scale_jitter=None, fail_at_step=None, debug_dir=None,
-                repeat_factor_threshold=None)
+                repeat_factor_threshold=None, backbone_weights=None, norm=None, logger="tensorboard")
 # Loss knobs for the paper's ablations (bench/ablation.py); None keeps the preset's value.
 LOSS_OPTIONS = ("focal_gamma", "focal_alpha", "prior_prob", "ohem_batch", "ohem_nms", "ohem_ratio")
 DEFAULTS.update(dict.fromkeys(LOSS_OPTIONS))
@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="shorter side after resize (default: the preset's, 800 for r50)")
     p.add_argument("--max-size", type=int, help="longer side at most (default image size x 1333/800)")
     p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], help="mixed precision on GPU (bf16)")
-    p.add_argument("--init", help="initial weights: torchvision:retinanet_resnet50_fpn[_v2] or a checkpoint URI")
+    # Initial weights (issue 13)
+    p.add_argument("--backbone-weights", help="ImageNet weights of the ResNet: a torchvision name (r50/r101 default "
+                   "ResNet50_Weights.IMAGENET1K_V1 / ResNet101_...), a state-dict URI, or none")
+    p.add_argument("--norm", choices=["frozen_bn", "bn", "sync_bn", "group_norm"],
+                   help="backbone norm (default: the preset's; without pretrained weights sync_bn or group_norm)")
+    p.add_argument("--init", help="fine-tune a whole detector: torchvision:retinanet_resnet50_fpn[_v2], a torchvision "
+                   "state-dict URI or a checkpoint URI (its architecture is kept)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 0)")
@@ -84,23 +90,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
                    help="worker placement over nodes (default PACK; SPREAD puts workers on different nodes)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray instance (default: max(4, cores))")
+    p.add_argument("--logger", choices=["tensorboard", "mlflow", "none"],
+                   help="rank 0's metrics logger besides metrics.jsonl (default tensorboard: events under --output)")
     p.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)  # fault injection for tests
     p.add_argument("--debug-dir", help=argparse.SUPPRESS)  # per-rank image ids and parameter checksums
     return p
 
 
+def _config_argv(parser: argparse.ArgumentParser, loaded: dict, source: str) -> list[str]:
+    """--config YAML values as the flags they stand for, so the flags' own parser types and checks them."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    unknown = sorted(set(loaded) - set(actions) - {"config"})
+    if unknown:
+        raise UserError(f"{source}: unknown options {unknown}; use the flag names with '_' (see --help)")
+    argv = []
+    for key, value in loaded.items():
+        action = actions[key]
+        if value is None:
+            continue
+        if action.nargs == 0:  # a switch such as --use-gpu
+            if not isinstance(value, bool):
+                raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+            argv += [action.option_strings[0]] if value else []
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [action.option_strings[0], *(str(v) for v in values)]
+    return argv
+
+
+def _parse_config(loaded: dict, source: str) -> dict:
+    parser = build_parser()
+
+    def error(message: str):
+        raise UserError(f"{source}: {message}")
+
+    parser.error = error
+    return {k: v for k, v in vars(parser.parse_args(_config_argv(parser, loaded, source))).items() if v is not None}
+
+
 def resolve_options(argv: list[str] | None) -> dict:
-    """Defaults < --config YAML < flags."""
+    """Defaults < --config YAML (typed and checked by the flags' parser) < flags."""
     import yaml
 
     args = vars(build_parser().parse_args(argv))
     options = dict(DEFAULTS)
     if args.get("config"):
-        loaded = yaml.safe_load(storage.read_bytes(args["config"])) or {}
-        unknown = set(loaded) - set(DEFAULTS) - {"data", "output"}
-        if unknown:
-            raise UserError(f"{args['config']}: unknown options {sorted(unknown)}; use the flag names with '_'")
-        options.update(loaded)
+        try:
+            loaded = yaml.safe_load(storage.read_bytes(args["config"])) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{args['config']}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{args['config']}: expected a mapping of option names to values")
+        from_file = _parse_config(loaded, args["config"])
+        if args.get("epochs") is not None or args.get("max_steps") is not None:
+            from_file.pop("epochs", None), from_file.pop("max_steps", None)  # the command line's run length wins
+        options.update(from_file)
     options.update({k: v for k, v in args.items() if v is not None and k != "config"})
     for required in ("data", "output"):
         if not options.get(required):
@@ -108,19 +152,6 @@ def resolve_options(argv: list[str] | None) -> dict:
     if options["epochs"] is None and options["max_steps"] is None:
         options["epochs"] = 1
     return options
-
-
-def model_config(options: dict, categories: list[dict]) -> dict:
-    import retinanet
-
-    overrides = {"num_classes": len(categories), "cls_loss": options["cls_loss"]}
-    overrides.update({k: options[k] for k in LOSS_OPTIONS if options.get(k) is not None})
-    if options["image_size"]:
-        overrides["min_size"] = options["image_size"]
-        overrides["max_size"] = options["max_size"] or int(round(options["image_size"] * 1333 / 800))
-    if options["init"] and options["preset"] != "tiny":
-        overrides["norm"] = "frozen_bn"  # pretrained: frozen BN and stem, as torchvision does
-    return retinanet.preset(options["preset"], **overrides).to_dict()
 
 
 def plot_loss_curve(metrics_uri: str, png_uri: str) -> None:
@@ -146,73 +177,88 @@ def plot_loss_curve(metrics_uri: str, png_uri: str) -> None:
     storage.write_bytes_atomic(png_uri, buffer.getvalue())
 
 
-def repeated_schedule(options: dict, num_images: int, plain_steps: int, plain_max_steps: int) -> tuple[int, int]:
-    """(steps per epoch, total steps) when repeat-factor sampling lengthens every epoch.
+def plan_epochs(options: dict, num_images: int) -> tuple[list[int], int]:
+    """(images planned in each epoch, total steps).
 
-    Each epoch's length is known exactly up front (`sampling.epoch_sizes`); an epoch has as
-    many steps as the shortest planned one gives, so no rank runs out of data mid-epoch.
-    --epochs counts repeated epochs; --max-steps stays as given.
+    Every epoch holds all images once, or with repeat-factor sampling its exact repeated size
+    (`sampling.epoch_sizes`, drawn per (seed, epoch)); a rank trains (size // workers) // batch
+    steps of it. --epochs counts such epochs (a fraction of the next one at the end);
+    --max-steps stays as given. An epoch with missing or undecodable images ends early when
+    its data ends, so the run then takes a few more epochs to its planned step.
     """
-    from pipelines.evaluation.report import category_image_pairs, train_image_counts
-    from pipelines.training.sampling import category_repeat_factors, epoch_sizes
+    import math
 
-    pairs = category_image_pairs(options["data"])
-    factors = category_repeat_factors(train_image_counts(options["data"]), num_images,
-                                      options["repeat_factor_threshold"])
-    epochs = -(-plain_max_steps // plain_steps) + 2  # epochs are never shorter than without repeats
-    global_batch = options["num_workers"] * options["batch_size"]
-    steps = int(epoch_sizes(pairs, num_images, factors, options["seed"], range(epochs)).min()) // global_batch
-    return steps, options["max_steps"] or max(1, int(round(options["epochs"] * steps)))
+    import numpy as np
+
+    workers, batch = options["num_workers"], options["batch_size"]
+    plain_steps = (num_images // workers) // batch
+    if plain_steps < 1:
+        raise UserError(f"{options['data']}: {num_images} images are fewer than one global batch "
+                        f"({workers} workers x {batch}); lower --batch-size or --num-workers")
+    wanted = math.ceil(options["epochs"]) + 1 if options["epochs"] else options["max_steps"] // plain_steps + 2
+    wanted = min(wanted, 1000)  # sizes for logging; later epochs reuse the last one
+    sizes = np.full(wanted, num_images, np.int64)
+    if options["repeat_factor_threshold"]:
+        from pipelines.evaluation.report import category_image_pairs, train_image_counts
+        from pipelines.training.sampling import category_repeat_factors, epoch_sizes
+
+        factors = category_repeat_factors(train_image_counts(options["data"]), num_images,
+                                          options["repeat_factor_threshold"])
+        sizes = epoch_sizes(category_image_pairs(options["data"]), num_images, factors, options["seed"], range(wanted))
+    steps = (sizes // workers) // batch
+    if options["max_steps"]:
+        return sizes.tolist(), options["max_steps"]
+    whole = int(options["epochs"])
+    total = int(steps[:whole].sum()) + int(round((options["epochs"] - whole) * steps[whole]))
+    return sizes.tolist(), max(1, total)
 
 
 def main(argv: list[str] | None = None) -> int:
     options = resolve_options(argv)
-    import ray
-    import retinanet
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from jobs.train_init import model_setup
+    from jobs.train_records import check_logger, join_metrics, save_config
+    from pipelines.training.datasets import training_input_kind, training_manifest
 
-    from jobs.train_loop import train_loop
-    from pipelines.training.datasets import detection_dataset, training_input_kind
-    from pipelines.ray_runtime import ensure_ray
-
+    # Everything a user can get wrong is checked here, before Ray starts.
     for data in filter(None, (options["data"], options["val_data"])):
-        training_input_kind(data)  # a wrong path fails here, before Ray starts
+        training_input_kind(data)
+    check_logger(options["logger"])
+    manifest = training_manifest(options["data"])
+    categories = manifest.categories
+    model, backbone_weights = model_setup(options, categories)
+    epoch_sizes, max_steps = plan_epochs(options, manifest.num_images)
+    workers, batch = options["num_workers"], options["batch_size"]
     output = storage.resolve(options["output"])
     storage.ensure_dir(output.uri())
-    ensure_ray(options["num_cpus"])
-    workers, batch = options["num_workers"], options["batch_size"]
-    min_size = options["image_size"] or retinanet.preset(options["preset"]).min_size
-    max_size = options["max_size"] or int(round(min_size * 1333 / 800))
-    train_ds, manifest = detection_dataset(options["data"], image_size=min_size, max_size=max_size, train=True,
-                                           seed=options["seed"], scale_jitter=options["scale_jitter"],
-                                           repeat_factor_threshold=options["repeat_factor_threshold"])
-    steps_per_epoch = manifest.num_images // (workers * batch)
-    if steps_per_epoch < 1:
-        raise UserError(f"{options['data']}: {manifest.num_images} images are fewer than one global batch "
-                        f"({workers} workers x {batch}); lower --batch-size or --num-workers")
-    max_steps = options["max_steps"] or max(1, int(round(options["epochs"] * steps_per_epoch)))
-    if options["repeat_factor_threshold"]:
-        steps_per_epoch, max_steps = repeated_schedule(options, manifest.num_images, steps_per_epoch, max_steps)
-    datasets = {"train": train_ds}
-    if options["val_data"]:
-        datasets["val"], _ = detection_dataset(options["val_data"], image_size=min_size, max_size=max_size, train=False)
-
-    categories = manifest.categories
     cfg = {
-        **options, "model": model_config(options, categories), "categories": categories,
-        "image_size": min_size, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
+        **options, "model": model, "categories": categories, "backbone_weights": backbone_weights,
+        "image_size": model["min_size"], "max_steps": max_steps, "epoch_sizes": epoch_sizes,
         "lr": options["lr"] or 0.01 * workers * batch / 16,
         "warmup_steps": options["warmup_steps"] if options["warmup_steps"] is not None else min(1000, max_steps // 10),
         "threads_per_worker": max(1, (os.cpu_count() or 1) // workers), "output": output.uri(),
     }
-    print(f"training {options['preset']} on {manifest.num_images} images ({len(categories)} classes): "
-          f"{workers} workers x {batch} images, {max_steps} steps ({steps_per_epoch}/epoch), lr {cfg['lr']:.4g}",
-          flush=True)
+    config_uri = save_config(output.uri(), cfg)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.train_loop import train_loop
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.training.datasets import detection_dataset
+
+    ensure_ray(options["num_cpus"])
+    datasets = {}
+    if options["val_data"]:
+        datasets["val"], _ = detection_dataset(options["val_data"], image_size=model["min_size"],
+                                               max_size=model["max_size"], train=False)
+    print(f"training {options['preset'] if not options['init'] else options['init']} on {manifest.num_images} images "
+          f"({len(categories)} classes): {workers} workers x {batch} images, {max_steps} steps "
+          f"({(epoch_sizes[0] // workers) // batch}/epoch), lr {cfg['lr']:.4g}; config {config_uri}", flush=True)
     arrow_fs, arrow_path = storage.arrow_filesystem(output.uri())
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg, datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=options["use_gpu"],
                                      resources_per_worker=None if options["use_gpu"] else {"CPU": 1},
                                      placement_strategy=options["placement"]),
@@ -229,11 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}",
               file=sys.stderr)
         return 1
-    metrics_uri = output.join("metrics.jsonl").uri()
+    metrics_uri = join_metrics(output.uri())
     plot_loss_curve(metrics_uri, output.join("loss_curve.png").uri())
-    last = json.loads(storage.read_bytes(metrics_uri).decode().splitlines()[-1])
-    print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"
-          + (f", val AP {last['val_AP']:.3f} AP50 {last['val_AP50']:.3f}" if "val_AP" in last else "")
+    lines = [json.loads(line) for line in storage.read_bytes(metrics_uri).decode().splitlines() if line]
+    last = [r for r in lines if "loss" in r][-1] if any("loss" in r for r in lines) else {}
+    val = [r for r in lines if "val_AP" in r][-1:]
+    print(f"done: step {max(r.get('step', 0) for r in lines)}, loss {last.get('loss', float('nan')):.4f}"
+          + (f", val AP {val[0]['val_AP']:.3f} AP50 {val[0]['val_AP50']:.3f}" if val else "")
           + f"; model {output.join('model.pt').uri()}, checkpoints {result.path}", flush=True)
     return 0
 

@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
 import retinanet
-from retinanet.weights import load_checkpoint
-from pipelines.evaluation import scoring as evaluation
-from pipelines.formats import shards
+from jobs.train_data import batch_keys, epoch_shard, gather_keys, sum_over_ranks
+from jobs.train_init import initial_model
+from jobs.train_records import RunRecords
+from jobs.train_validation import validate
 from pipelines import storage
 from pipelines.training.datasets import DetectionCollate
+from pipelines.training.sampling import MAX_COPIES
 
 STATE_FILE = "train_state.pt"
 
@@ -39,86 +41,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_factor: flo
     return decay
 
 
-def build_model(cfg: dict) -> retinanet.RetinaNet:
-    model = retinanet.RetinaNet(retinanet.RetinaNetConfig.from_dict(cfg["model"]), categories=cfg["categories"])
-    if cfg.get("init"):
-        init = cfg["init"]
-        source = init.removeprefix("torchvision:") if init.startswith("torchvision:") else storage.read_bytes(init)
-        donor = retinanet.from_torchvision(source) if isinstance(source, str) else load_checkpoint(source)[0]
-        # Backbone and FPN always transfer; the heads only when the class count matches.
-        state = {k: v for k, v in donor.state_dict().items()
-                 if k in model.state_dict() and model.state_dict()[k].shape == v.shape}
-        model.load_state_dict(state, strict=False)
-    return model
-
-
-def ground_truth(uri: str, manifest_categories: list[dict]) -> dict:
-    """COCO ground truth of a validation set: its annotations.json, or rebuilt from its shards."""
-    root = storage.resolve(uri)
-    coco_json = root.join("annotations.json").uri()
-    if storage.exists(coco_json):
-        return evaluation.load_ground_truth(coco_json)
-    manifest = shards.read_manifest(uri)
-    fs, _ = storage.arrow_filesystem(uri)
-    columns = ["image_id", "width", "height", "boxes", "category_id", "iscrowd", "area"]
-    images, annotations = [], []
-    for shard_uri in shards.shard_uris(uri, manifest):
-        table = pq.read_table(storage.resolve(shard_uri).path, filesystem=fs, columns=columns).to_pylist()
-        for row in table:
-            images.append({"id": row["image_id"], "width": row["width"], "height": row["height"]})
-            for box, cat, crowd, area in zip(row["boxes"], row["category_id"], row["iscrowd"], row["area"]):
-                annotations.append({"id": len(annotations) + 1, "image_id": row["image_id"], "category_id": cat,
-                                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                                    "area": area, "iscrowd": int(crowd)})
-    return {"images": images, "annotations": annotations, "categories": manifest_categories}
-
-
-def detections_array(detections: list[dict], batch: dict, category_ids: torch.Tensor) -> np.ndarray:
-    """Detections of a collated batch -> COCO results rows (image_id, x, y, w, h, score, category_id)
-    in original pixels."""
-    counts = [len(d["scores"]) for d in detections]
-    if not sum(counts):
-        return np.zeros((0, 7))
-    boxes = torch.cat([d["boxes"] for d in detections]).cpu().double()
-    scale = batch["scale"].double().repeat_interleave(torch.tensor(counts))
-    boxes = boxes / scale[:, None]
-    image_ids = batch["image_id"].cpu().repeat_interleave(torch.tensor(counts)).double()
-    labels = torch.cat([d["labels"] for d in detections]).cpu()
-    return torch.stack([image_ids, boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1],
-                        torch.cat([d["scores"] for d in detections]).cpu().double(),
-                        category_ids[labels].double()], dim=1).numpy()
-
-
-def validate(model, cfg: dict, device) -> dict[str, float]:
-    """COCO AP on the whole validation set (rank 0 only; the set is small and not split)."""
-    model.eval()
-    category_ids = torch.tensor([c["id"] for c in cfg["categories"]])
-    rows = []
-    with torch.inference_mode():
-        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(
-                batch_size=cfg["batch_size"], collate_fn=DetectionCollate(cfg["model"]["size_divisible"])):
-            detections = model(batch["images"].to(device), batch["image_sizes"])
-            rows.append(detections_array(detections, batch, category_ids))
-    model.train()
-    results = np.concatenate(rows) if rows else np.zeros((0, 7))
-    return evaluation.coco_stats(ground_truth(cfg["val_data"], cfg["categories"]), results)
-
-
-class MetricsLog:
-    """metrics.jsonl under the output: rank 0 appends a line per logging step; a resumed run
-    first writes a `resumed` line so the file shows where it picked up."""
-
-    def __init__(self, output: str, resumed_from: int | None):
-        self.uri = storage.resolve(output).join("metrics.jsonl").uri()
-        self.lines = storage.read_bytes(self.uri).decode().splitlines() if storage.exists(self.uri) else []
-        if resumed_from is not None:
-            self.append({"event": "resumed", "step": resumed_from})
-
-    def append(self, record: dict) -> None:
-        self.lines.append(json.dumps(record))
-        storage.write_bytes_atomic(self.uri, ("\n".join(self.lines) + "\n").encode())
-
-
 def _report(metrics: dict, rank: int, state: dict | None) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint when there is one."""
     if state is None or rank != 0:
@@ -129,6 +51,11 @@ def _report(metrics: dict, rank: int, state: dict | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def _load_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
 def train_loop(cfg: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -136,7 +63,12 @@ def train_loop(cfg: dict) -> None:
     if not cfg["use_gpu"]:
         torch.set_num_threads(max(1, cfg["threads_per_worker"]))
     device = ray.train.torch.get_device()
-    model = build_model(cfg)
+    checkpoint = ray.train.get_checkpoint()
+    state = _load_state(checkpoint) if checkpoint else None
+    if state is None:
+        model = initial_model(cfg)
+    else:  # the checkpoint holds every weight: no download, no init transfer
+        model = retinanet.RetinaNet(retinanet.RetinaNetConfig.from_dict(cfg["model"]), categories=cfg["categories"])
     if cfg["model"]["norm"] == "sync_bn" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg["use_gpu"]:
@@ -147,91 +79,154 @@ def train_loop(cfg: dict) -> None:
     optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
     total, warmup = cfg["max_steps"], cfg["warmup_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"]) if cfg["use_gpu"] else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    step, resumed = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    step, epoch, resumed, done = 0, 0, None, np.zeros(0, np.int64)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         step = resumed = state["step"]
-    optimizer_checksum = momentum_checksum(optimizer) if checkpoint else None
-    log = MetricsLog(cfg["output"], resumed) if rank == 0 else None
-
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"]) if cfg["use_gpu"] else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    steps_per_epoch = cfg["steps_per_epoch"]
-    shard = ray.train.get_dataset_shard("train")
-    collate = DetectionCollate(cfg["model"]["size_divisible"])
-    window, seen = Window(), []
+        epoch = state.get("epoch", 0)
+        done = state["epoch_keys"].numpy() if "epoch_keys" in state else np.zeros(0, np.int64)
+    optimizer_checksum = momentum_checksum(optimizer) if state is not None else None
+    records = RunRecords(cfg["output"], cfg["logger"], cfg["name"]) if rank == 0 else None
+    if records and resumed is not None:
+        records.append({"event": "resumed", "step": resumed, "epoch": epoch, "epoch_images_done": len(done)})
+    collate = DetectionCollate(cfg["model"]["size_divisible"], cfg["model"]["image_mean"], cfg["model"]["image_std"])
+    debug = DebugRecord(cfg, rank) if cfg.get("debug_dir") else None
+    window = Window()
     while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
+        trained, rows_read, epoch_steps, skipped, exhausted = [], 0, 0, 0, True
+        shard = epoch_shard(cfg, epoch, done, rank, world)
         window.fetch_started()
-        for index, batch in enumerate(shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate,
-                                                               drop_last=True, prefetch_batches=2)):
-            # Resuming mid-epoch skips the batches already trained on; a worker's uneven tail
-            # is read but not trained on: ranks stay in step (Ray requires every split consumed).
-            if step >= total:  # every rank reaches the last step at the same batch
+        for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate, prefetch_batches=2):
+            # Ranks hold equal rows, so they step in lockstep and leave this loop at the same batch.
+            rows_read += len(batch["image_id"])
+            if len(batch["image_id"]) < cfg["batch_size"]:
+                continue  # a rank's short last batch is read, not trained (every rank has one or none)
+            if step >= total:
+                exhausted = False
                 break
-            if index < skip or index >= steps_per_epoch:
-                window.fetch_started()
-                continue
             window.fetched()
             images = batch["images"].to(device, non_blocking=True)
             if cfg["use_gpu"]:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = {k: batch[k].to(device) for k in ("boxes", "labels", "num_boxes", "image_id")}
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                try:
-                    losses = ddp_model(images, batch["image_sizes"], targets)
-                except FloatingPointError as exc:
-                    raise FloatingPointError(f"step {step + 1}: {exc}") from None
-            loss = sum(losses.values())
+            losses = forward_losses(ddp_model, images, batch["image_sizes"], targets, amp_dtype, step)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            if losses is None:  # fp16 overflow in the forward pass on some rank: skip like the scaler does
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                skipped += 1
+            else:
+                loss = sum(losses.values())
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             step += 1
-            if cfg.get("debug_dir"):
-                seen.extend(batch["image_id"].tolist())
+            epoch_steps += 1
+            keys = batch_keys(batch)
+            trained.append(keys)
+            if debug:
+                debug.batch(step, epoch, keys)
             if cfg.get("fail_at_step") == step and rank == world - 1 and not storage.exists(failure_marker(cfg)):
                 storage.write_bytes_atomic(failure_marker(cfg), b"injected")
-                os._exit(1)  # a worker dies mid-run: Ray restarts the group from the last checkpoint
-            window.add(len(images) * world, {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
-
-            end_of_epoch = index + 1 == steps_per_epoch
+                os.kill(os.getpid(), signal.SIGKILL)  # a worker dies: Ray restarts the group from the last checkpoint
+            if losses is not None:
+                window.add(len(images) * world, {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
             checkpoint_now = step % cfg["checkpoint_every"] == 0 or step == total
-            if step % cfg["log_every"] == 0 or checkpoint_now or end_of_epoch:
+            if step % cfg["log_every"] == 0 or checkpoint_now:
                 metrics = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **window.summary()}
-                if end_of_epoch and cfg.get("val_data") and rank == 0:
-                    metrics.update({f"val_{k}": v for k, v in validate(model, cfg, device).items()})
-                state = None
-                if checkpoint_now:
-                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch}
-                if rank == 0:
-                    log.append(metrics)
-                    # straight to the stream: Ray Train's patched print() would show the line twice
-                    sys.stdout.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in metrics.items()) + "\n")
-                    sys.stdout.flush()
-                _report(metrics, rank, state)
+                if skipped:
+                    metrics["skipped_steps"] = skipped
+                saved = None
+                if checkpoint_now:  # every rank joins the gather; rank 0 saves
+                    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                             "epoch": epoch, "epoch_keys": torch.from_numpy(np.concatenate([done, gather_keys(trained)]))}
+                _log(records, metrics, step if checkpoint_now else None)
+                _report(metrics, rank, saved)
                 if rank == 0 and step == total:
                     final = retinanet.checkpoint_bytes(model, step=step, metrics=metrics,
                                                        extra={"preset": cfg["preset"], "image_size": cfg["image_size"]})
                     storage.write_bytes_atomic(storage.resolve(cfg["output"]).join("model.pt").uri(), final)
                 window.reset()
             window.fetch_started()
-    if cfg.get("debug_dir"):
-        checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-        record = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "image_ids": seen,
-                  "param_checksum": checksum, "resumed_from": resumed,
-                  "resumed_momentum_checksum": optimizer_checksum}
-        storage.write_bytes_atomic(storage.resolve(cfg["debug_dir"]).join(f"rank-{rank}.json").uri(),
-                                   json.dumps(record).encode())
+        if not exhausted:
+            break  # the run ended inside this epoch
+        read, trained_rows = sum_over_ranks(rows_read, epoch_steps * cfg["batch_size"])
+        if not trained_rows and not len(done):
+            raise RuntimeError(f"epoch {epoch}: not one full batch of readable images ({read} read); check --data")
+        planned = cfg["epoch_sizes"][epoch] if epoch < len(cfg["epoch_sizes"]) else cfg["epoch_sizes"][-1]
+        summary = {"event": "epoch_end", "epoch": epoch, "step": step, "planned_images": int(planned),
+                   "read": read + len(done), "trained": trained_rows + len(done),
+                   "missing_or_undecodable": max(0, int(planned) - read - len(done)), "rank_tails": read - trained_rows}
+        if cfg.get("val_data") and rank == 0:
+            summary.update({f"val_{k}": v for k, v in validate(model, cfg, device).items()})
+        _log(records, summary, step)
+        _report({k: v for k, v in summary.items() if k != "event"}, rank, None)
+        epoch, done = epoch + 1, np.zeros(0, np.int64)
+    if records:
+        records.close(step)
+    if debug:
+        debug.finish(model, ray.get_runtime_context().get_node_id(), resumed, optimizer_checksum)
+
+
+def forward_losses(ddp_model, images, image_sizes, targets, amp_dtype, step: int) -> dict | None:
+    """The losses of one step, or None on every rank when fp16 overflowed on any of them
+    (the step is then skipped and the loss scale lowered, as GradScaler does for gradients)."""
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        try:
+            losses = ddp_model(images, image_sizes, targets)
+        except FloatingPointError as exc:
+            if amp_dtype != torch.float16:
+                raise FloatingPointError(f"step {step + 1}: {exc}") from None
+            losses = None
+    if amp_dtype == torch.float16:  # the ranks agree, or DDP's all-reduce would wait forever
+        overflow = sum_over_ranks(int(losses is None))[0]
+        return None if overflow else losses
+    return losses
+
+
+def _log(records, metrics: dict, flush_step: int | None) -> None:
+    """Rank 0: the metrics line (a chunk at checkpoints and epoch ends) and one console line."""
+    if records is None:
+        return
+    records.append(metrics)
+    if flush_step is not None:
+        records.flush(flush_step, "b" if metrics.get("event") == "epoch_end" else "a")
+    # straight to the stream: Ray Train's patched print() would show the line twice
+    sys.stdout.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()) + "\n")
+    sys.stdout.flush()
+
+
+class DebugRecord:
+    """Test records (--debug-dir, a local folder): per rank and attempt, the keys of every
+    trained batch as they are trained (a killed worker leaves its lines), and at the end the
+    parameter checksum and where the run resumed."""
+
+    def __init__(self, cfg: dict, rank: int):
+        self.rank, self.dir = rank, cfg["debug_dir"]
+        os.makedirs(self.dir, exist_ok=True)
+        self.batches = open(os.path.join(self.dir, f"batches-rank{rank}-pid{os.getpid()}.jsonl"), "a")
+        self.image_ids: list[int] = []
+
+    def batch(self, step: int, epoch: int, keys: np.ndarray) -> None:
+        self.image_ids.extend((keys // MAX_COPIES).tolist())
+        self.batches.write(json.dumps({"step": step, "epoch": epoch, "keys": keys.tolist()}) + "\n")
+        self.batches.flush()
+
+    def finish(self, model, node_id: str, resumed: int | None, momentum: float | None) -> None:
+        self.batches.close()
+        record = {"rank": self.rank, "node_id": node_id, "image_ids": self.image_ids, "resumed_from": resumed,
+                  "param_checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
+                  "resumed_momentum_checksum": momentum}
+        with open(os.path.join(self.dir, f"rank-{self.rank}.json"), "w") as f:
+            json.dump(record, f)
 
 
 def momentum_checksum(optimizer_or_state) -> float:

@@ -6,6 +6,7 @@ P6 comes from C5 as in the paper and torchvision v2, or from P5 as in torchvisio
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
@@ -30,20 +31,38 @@ _STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
 def _norm_layer(cfg: RetinaNetConfig):
     if cfg.norm == "frozen_bn":
         return partial(misc_ops.FrozenBatchNorm2d, eps=cfg.bn_eps)
+    if cfg.norm == "group_norm":
+        return partial(nn.GroupNorm, 32, eps=cfg.bn_eps)
     # sync_bn is built as BatchNorm2d; the training job converts it once DDP is set up.
     return partial(nn.BatchNorm2d, eps=cfg.bn_eps)
 
 
-def build_backbone(cfg: RetinaNetConfig, weights_path: str | None = None) -> BackboneWithFPN:
+def load_body_weights(body: nn.Module, weights: str | os.PathLike | dict) -> None:
+    """A torchvision ImageNet ResNet state dict (or its file) into the body, every tensor but `fc`.
+
+    Strict: a file of another depth or norm fails here, naming the tensors, instead of
+    training on half-loaded weights.
+    """
+    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    expected = {k for k in body.state_dict() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    misfits = sorted(expected ^ set(state)) + sorted(k for k in expected & set(state)
+                                                     if body.state_dict()[k].shape != state[k].shape)
+    if misfits:
+        raise ValueError(f"backbone weights do not fit this ResNet ({len(misfits)} tensors missing, extra or "
+                         f"of another shape: {', '.join(misfits[:6])}{' ...' if len(misfits) > 6 else ''})")
+    body.load_state_dict(state, strict=False)
+
+
+def build_backbone(cfg: RetinaNetConfig, weights: str | os.PathLike | dict | None = None) -> BackboneWithFPN:
     """ResNet body + FPN with P3-P7 outputs of `cfg.fpn_channels` channels.
 
-    `weights_path` optionally loads ImageNet weights for the ResNet body (a torchvision
-    ``resnet*.pth`` state dict); then the frozen layers follow `cfg.trainable_layers`.
+    `weights` optionally loads ImageNet weights for the ResNet body (a torchvision
+    ``resnet*.pth`` state dict or its path); the frozen layers follow `cfg.trainable_layers`.
     """
     body = _RESNETS[cfg.backbone](weights=None, norm_layer=_norm_layer(cfg))
-    if weights_path is not None:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+    if weights is not None:
+        load_body_weights(body, weights)
     trainable = _STAGES[: cfg.trainable_layers] + (["bn1"] if cfg.trainable_layers == 5 else [])
     for name, parameter in body.named_parameters():
         if not any(name.startswith(stage) for stage in trainable):

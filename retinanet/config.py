@@ -21,7 +21,7 @@ class RetinaNetConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
     fpn_channels: int = 256
     p6_from: str = "c5"  # "c5" (paper, torchvision v2) or "p5" (torchvision v1)
-    norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | sync_bn (from scratch)
+    norm: str = "frozen_bn"  # frozen_bn (pretrained) | bn | sync_bn | group_norm (from scratch)
     bn_eps: float = 1e-5  # torchvision's COCO_V1 weights run their frozen BN with eps = 0
     trainable_layers: int = 3  # of conv1/layer1..layer4, counted from layer4 (torchvision's rule)
     # Head
@@ -68,7 +68,7 @@ class RetinaNetConfig:
         choices = {
             "backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
             "p6_from": ("c5", "p5"),
-            "norm": ("frozen_bn", "bn", "sync_bn"),
+            "norm": ("frozen_bn", "bn", "sync_bn", "group_norm"),
             "head_norm": (None, "group"),
             "cls_loss": ("focal", "seesaw", "ohem"),
             "box_loss": ("smooth_l1", "giou"),

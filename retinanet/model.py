@@ -24,7 +24,7 @@ from retinanet.postprocess import postprocess_detections
 
 class RetinaNet(nn.Module):
     def __init__(self, cfg: RetinaNetConfig, categories: list[dict] | None = None,
-                 backbone_weights: str | None = None):
+                 backbone_weights=None):
         super().__init__()
         self.config = cfg
         self.backbone = build_backbone(cfg, backbone_weights)

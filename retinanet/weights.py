@@ -126,3 +126,58 @@ def load_checkpoint(source: str | os.PathLike | BinaryIO | bytes | dict, map_loc
     model = RetinaNet(RetinaNetConfig.from_dict(payload["config"]), categories=payload["categories"])
     model.load_state_dict(payload["model"], strict=True)
     return model.eval(), payload
+
+
+# ------------------------------------------------------------------ pretrained weights for training
+# The ImageNet weights torchvision's detectors start from (the paper: ImageNet-pretrained ResNets).
+IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+                    "resnet50": "ResNet50_Weights.IMAGENET1K_V1", "resnet101": "ResNet101_Weights.IMAGENET1K_V1"}
+
+
+def is_weights_name(name: str) -> bool:
+    """'ResNet50_Weights.IMAGENET1K_V1'-style names (a torchvision weights enum), as opposed to files."""
+    return bool(re.fullmatch(r"\w+_Weights\.\w+", name))
+
+
+def named_weights(name: str):
+    """The torchvision weights enum called `name`; ValueError naming the expected form otherwise."""
+    try:
+        return torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise ValueError(f"unknown torchvision weights {name!r}; expected e.g. {IMAGENET_WEIGHTS['resnet50']}") from None
+
+
+def named_weights_state(name: str) -> dict:
+    """Download (or take from the torch hub cache) the state dict of torchvision weights `name`."""
+    return named_weights(name).get_state_dict(progress=False, check_hash=True)
+
+
+def fine_tune_config(donor: RetinaNetConfig, **changes) -> RetinaNetConfig:
+    """The donor's architecture (backbone, P6 source, norms, BN eps, anchors) with `changes`
+    to what training may change: class count, losses, input sizes."""
+    architecture = {"backbone", "fpn_channels", "p6_from", "norm", "bn_eps", "head_convs", "head_norm",
+                    "anchor_sizes", "aspect_ratios", "image_mean", "image_std"}
+    clash = sorted(k for k in changes if k in architecture and changes[k] != getattr(donor, k))
+    if clash:
+        raise ValueError(f"fine-tuning keeps the initial model's architecture; cannot change {clash}")
+    return donor.replace(**changes)
+
+
+def transfer_weights(donor: RetinaNet, model: RetinaNet) -> list[str]:
+    """Copy every tensor of `donor` into `model`; returns the names left new.
+
+    Only the class logits may stay new (when the class counts differ), and with the seesaw
+    loss its objectness layer and class counts; any other tensor that does not transfer is an
+    error listing them all, never a silent partial load.
+    """
+    source, target = donor.state_dict(), model.state_dict()
+    shared = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    new = sorted(set(target) - set(shared))
+    unused = sorted(set(source) - set(shared))
+    may_differ = ("head.classification_head.cls_logits.", "head.classification_head.objectness.", "class_counts")
+    refused = [k for k in new + unused if not k.startswith(may_differ)]
+    if refused:
+        raise ValueError(f"{len(refused)} tensors of the initial weights do not transfer: {', '.join(refused[:12])}"
+                         + (" ..." if len(refused) > 12 else ""))
+    model.load_state_dict(shared, strict=False)
+    return new

@@ -78,37 +78,44 @@ def test_coco_layout_reads_directly(ray_local, synth_coco):
     assert_targets(collect(ds, batch_size=7), synth_coco)
 
 
-def test_training_order_and_flips_follow_seed_epoch_and_pass(s3_shards, synth_coco):
-    ctx = ray.data.DataContext.get_current()
-    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        def one_pass(ds):
-            rows = ds.select_columns(["image_id", "boxes"]).take_all()
-            return [r["image_id"] for r in rows], {r["image_id"]: r["boxes"] for r in rows}
+def _epoch_rows(uri, epoch, **kwargs):
+    """One training epoch's rows in the dataset's order: (image_id, copy) keys and boxes."""
+    ds, _ = detection_dataset(uri, image_size=IMAGE_SIZE, max_size=1333, train=True, seed=3, epoch=epoch,
+                              batch_size=4, **kwargs)
+    rows = ds.select_columns(["image_id", "copy", "boxes"]).take_all()
+    return [(r["image_id"], r["copy"]) for r in rows], {(r["image_id"], r["copy"]): r["boxes"] for r in rows}
 
-        def build(epoch):
-            return detection_dataset(s3_shards, image_size=IMAGE_SIZE, max_size=1333, train=True, seed=3,
-                                     epoch=epoch)[0]
 
-        ds = build(0)
-        order0, boxes0 = one_pass(ds)
-        order0_next, boxes0_next = one_pass(ds)  # a second pass (the next epoch of a Train run)
-        again0, again_boxes0 = one_pass(build(0))
-        order1, boxes1 = one_pass(build(1))
-    finally:
-        ctx.execution_options.preserve_order = saved
-    assert order0 == again0 and boxes0 == again_boxes0  # reproducible
-    assert sorted(order0) == sorted(order0_next) == sorted(order1) == list(range(1, 25))  # complete
+def test_epochs_shuffle_images_one_by_one_reproducibly(s3_shards, synth_coco):
+    order0, boxes0 = _epoch_rows(s3_shards, 0)
+    again0, again_boxes0 = _epoch_rows(s3_shards, 0)
+    order1, boxes1 = _epoch_rows(s3_shards, 1)
+    assert order0 == again0 and boxes0 == again_boxes0  # reproducible from (seed, epoch)
+    assert sorted(order0) == sorted(order1) == [(i, 0) for i in range(1, 25)]  # complete
     assert order0 != order1 and boxes0 != boxes1  # another epoch: new order, new flips
-    assert order0 != order0_next and boxes0 != boxes0_next  # another pass: the same
+    # not only shard order (3 images per shard here): batches of 4 are new groups of images
+    batches = [{frozenset(i for i, _ in order[k:k + 4]) for k in range(0, 24, 4)} for order in (order0, order1)]
+    assert not batches[0] & batches[1], "no batch of epoch 0 comes again in epoch 1"
+    shard_runs = sum(abs(a[0] - b[0]) == 1 for a, b in zip(order0, order0[1:]))
+    assert shard_runs < 8, "neighbours in the stream are not neighbours in the shards"
     expected = expected_targets(synth_coco, IMAGE_SIZE / 128)
     flipped = 0
-    for image_id, data in boxes0.items():
+    for (image_id, _), data in boxes0.items():
         got, (plain, _) = np.frombuffer(data, np.float32).reshape(-1, 4), expected[image_id]
         mirrored = np.stack([IMAGE_SIZE - plain[:, 2], plain[:, 1], IMAGE_SIZE - plain[:, 0], plain[:, 3]], 1)
         assert np.allclose(got, plain, atol=1e-4) or np.allclose(got, mirrored, atol=1e-4)
         flipped += len(plain) > 0 and not np.allclose(got, plain, atol=1e-4)
     assert flipped > 0
+
+
+def test_resumed_epoch_keeps_its_order_without_trained_rows(s3_shards):
+    """What a resumed epoch streams: the same epoch's order, minus exactly the rows already trained."""
+    from pipelines.training.sampling import sample_keys
+
+    order, _ = _epoch_rows(s3_shards, 2)
+    trained = np.array(order[:10])
+    rest, _ = _epoch_rows(s3_shards, 2, exclude_keys=sample_keys(trained[:, 0], trained[:, 1]))
+    assert rest == order[10:]
 
 
 def test_custom_image_folder_on_s3(ray_local, s3_bucket):
@@ -147,3 +154,37 @@ def test_readers_name_the_fix_for_bad_uris(tmp_path, s3_server):
         image_files_dataset(str(tmp_path))
     with pytest.raises(UserError, match="not found"):
         image_files_dataset("s3://no-such-bucket-yy/images")
+
+
+def _shard_rows(width: int, height: int, n: int = 6):
+    import pyarrow as pa
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 100, 50)).save(buf, format="PNG")
+    return pa.table({"image_id": pa.array(range(1, n + 1), pa.int64()), "image": pa.array([buf.getvalue()] * n),
+                     "boxes": pa.array([[[1.0, 2.0, 30.0, 20.0]]] * n, pa.list_(pa.list_(pa.float32()))),
+                     "category_id": pa.array([[1]] * n, pa.list_(pa.int32())),
+                     "iscrowd": pa.array([[False]] * n, pa.list_(pa.bool_()))})
+
+
+def test_scale_jitter_keeps_the_max_size_cap():
+    """detectron2's ResizeShortestEdge: the jitter draws the shorter side; the longer side stays capped."""
+    from pipelines.images.transforms import preprocess_batch
+
+    rows = preprocess_batch(_shard_rows(400, 100, n=20), category_ids=[1], min_size=100, max_size=200, train=True,
+                            scale_jitter=(0.8, 1.2))
+    assert set(rows["width"].tolist()) == {200}, "a 4:1 image: the cap decides, whatever the jitter (was 160-240)"
+    square = preprocess_batch(_shard_rows(100, 100, n=20), category_ids=[1], min_size=100, max_size=110, train=True,
+                              scale_jitter=(0.8, 1.2))
+    assert max(square["height"]) == 110 and min(square["height"]) < 100
+
+
+def test_collate_uses_the_models_mean_and_std():
+    from pipelines.images.transforms import preprocess_batch
+
+    rows = preprocess_batch(_shard_rows(32, 32, n=2), category_ids=[1], min_size=32, max_size=32, train=False)
+    default = DetectionCollate(32)(rows)["images"]
+    own = DetectionCollate(32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 1.0))(rows)["images"]
+    expected = (np.array([200, 100, 50]) / 255 - 0.5) / np.array([0.5, 0.25, 1.0])
+    np.testing.assert_allclose(own[0, :, 5, 5].numpy(), expected, rtol=1e-5)
+    assert not np.allclose(default[0, :, 5, 5].numpy(), expected)

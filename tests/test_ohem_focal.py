@@ -130,15 +130,16 @@ def test_prior_zero_gives_zero_bias_and_default_gives_the_paper_prior(cls_loss):
 
 def test_train_flags_reach_the_model_config():
     from jobs import train
+    from jobs.train_init import model_setup
 
     options = train.resolve_options(["--data", "d", "--output", "o", "--cls-loss", "ohem", "--focal-gamma", "0",
                                      "--focal-alpha", "0.75", "--prior-prob", "0", "--ohem-batch", "256",
                                      "--ohem-nms", "0.7", "--ohem-ratio", "3"])
-    cfg = retinanet.RetinaNetConfig.from_dict(train.model_config(options, [{"id": 1, "name": "a"}]))
+    cfg = retinanet.RetinaNetConfig.from_dict(model_setup(options, [{"id": 1, "name": "a"}])[0])
     assert (cfg.cls_loss, cfg.focal_gamma, cfg.focal_alpha, cfg.prior_prob) == ("ohem", 0.0, 0.75, 0.0)
     assert (cfg.ohem_batch, cfg.ohem_nms, cfg.ohem_ratio) == (256, 0.7, 3.0)
     default = retinanet.RetinaNetConfig.from_dict(
-        train.model_config(train.resolve_options(["--data", "d", "--output", "o"]), [{"id": 1, "name": "a"}]))
+        model_setup(train.resolve_options(["--data", "d", "--output", "o"]), [{"id": 1, "name": "a"}])[0])
     assert (default.focal_gamma, default.focal_alpha, default.prior_prob, default.ohem_ratio) == (2.0, 0.25, 0.01, None)
     with pytest.raises(SystemExit) as exit_info:
         train.resolve_options(["--data", "d", "--output", "o", "--prior-prob", "1"])

@@ -67,19 +67,32 @@ def test_training_stream_repeats_rare_images(long_tail_shards):
     from pipelines.evaluation.report import category_image_pairs, train_image_counts
 
     plain, manifest = detection_dataset(long_tail_shards, image_size=64, max_size=64, train=True)
-    repeated, _ = detection_dataset(long_tail_shards, image_size=64, max_size=64, train=True,
-                                    repeat_factor_threshold=0.3)
     plain_ids = [int(i) for i in plain.select_columns(["image_id"]).to_pandas()["image_id"]]
-    repeated_ids = [int(i) for i in repeated.select_columns(["image_id"]).to_pandas()["image_id"]]
     assert sorted(plain_ids) == sorted(set(plain_ids)) and len(plain_ids) == manifest.num_images
-    assert set(repeated_ids) == set(plain_ids) and len(repeated_ids) > len(plain_ids)
-    # every pass over one dataset (an epoch of a Train run) draws anew, as jobs.train plans it
-    passes = [sorted(int(i) for b in repeated.iter_batches(batch_format="pyarrow") for i in b["image_id"].to_pylist())
-              for _ in range(3)]
     factors = category_repeat_factors(train_image_counts(long_tail_shards), manifest.num_images, 0.3)
-    planned = epoch_sizes(category_image_pairs(long_tail_shards), manifest.num_images, factors, 0, range(4))
-    assert [len(p) for p in passes] in (planned[:3].tolist(), planned[1:].tolist())
-    assert len({tuple(p) for p in passes}) > 1
+    planned = epoch_sizes(category_image_pairs(long_tail_shards), manifest.num_images, factors, 0, range(2))
+    epochs = []
+    for epoch in range(2):
+        repeated, _ = detection_dataset(long_tail_shards, image_size=64, max_size=64, train=True, epoch=epoch,
+                                        repeat_factor_threshold=0.3)
+        rows = repeated.select_columns(["image_id", "copy", "boxes"]).take_all()
+        epochs.append(rows)
+        ids = [r["image_id"] for r in rows]
+        assert set(ids) == set(plain_ids) and len(ids) == planned[epoch] > len(plain_ids)  # as jobs.train plans it
+        assert len({(r["image_id"], r["copy"]) for r in rows}) == len(rows), "each copy has its own key"
+    assert [r["image_id"] for r in epochs[0]] != [r["image_id"] for r in epochs[1]]
+    # copies are spread over the epoch, each with its own flip
+    rows = epochs[0]
+    positions = {}
+    for position, r in enumerate(rows):
+        positions.setdefault(r["image_id"], []).append(position)
+    gaps = [b - a for p in positions.values() if len(p) > 1 for a, b in zip(p, p[1:])]
+    assert len(gaps) >= 5 and np.median(gaps) > len(rows) / 10, (gaps, len(rows))
+    assert sum(g == 1 for g in gaps) <= len(gaps) // 5, "copies do not sit next to each other"
+    boxes = {}
+    for r in rows:
+        boxes.setdefault(r["image_id"], set()).add(r["boxes"])
+    assert sum(len(b) > 1 for i, b in boxes.items() if len(positions[i]) > 1) > 0, "copies differ in flip"
 
 
 def test_seesaw_training_with_repeat_factor_sampling(long_tail_shards, tmp_path):
@@ -88,14 +101,19 @@ def test_seesaw_training_with_repeat_factor_sampling(long_tail_shards, tmp_path)
 
     import retinanet
     from jobs import train
+    from pipelines.evaluation.report import category_image_pairs, train_image_counts
 
     output = tmp_path / "run"
     assert train.main(["--data", long_tail_shards, "--output", str(output), "--cls-loss", "seesaw",
                        "--repeat-factor-threshold", "0.3", "--epochs", "2", "--num-workers", "1",
-                       "--batch-size", "8", "--image-size", "64", "--log-every", "100"]) == 0
+                       "--batch-size", "8", "--image-size", "64", "--log-every", "100", "--logger", "none"]) == 0
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    epoch_ends = [m for m in metrics if "step" in m]
+    epoch_ends = [m for m in metrics if m.get("event") == "epoch_end"]
+    factors = category_repeat_factors(train_image_counts(long_tail_shards), 60, 0.3)
+    planned = epoch_sizes(category_image_pairs(long_tail_shards), 60, factors, 0, range(2))
     assert [m["epoch"] for m in epoch_ends] == [0, 1]
-    assert epoch_ends[1]["step"] == 2 * epoch_ends[0]["step"] > 2 * 60 // 8, "epochs hold the repeated images"
+    assert [m["planned_images"] for m in epoch_ends] == planned.tolist()
+    assert [m["step"] for m in epoch_ends] == np.cumsum(planned // 8).tolist()
+    assert epoch_ends[0]["step"] > 60 // 8, "epochs hold the repeated images"
     model, _ = retinanet.load_checkpoint(str(output / "model.pt"))
     assert model.config.cls_loss == "seesaw" and float(model.class_counts.sum()) > 0

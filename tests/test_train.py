@@ -1,8 +1,10 @@
 """jobs.train on a local Ray instance with two CPU workers, checkpoints on moto S3.
 
 Two real runs share the module (a 2-worker TorchTrainer run costs ~35 s here): the first one
-loses a worker mid-run and must finish from its last checkpoint; the second reruns the same
-command with more steps and must continue from the saved step and optimizer state.
+loses a worker (SIGKILL) mid-epoch and must finish from its last checkpoint, training every
+image of the interrupted epoch exactly once; the second reruns the same command with more
+steps and must continue from the saved step and optimizer state. A third, one-worker run
+reads a COCO layout with missing files and must still end at its planned step.
 """
 import io
 import json
@@ -15,6 +17,7 @@ import retinanet
 from jobs import prepare, train
 from jobs.train_loop import STATE_FILE, lr_factor, momentum_checksum
 from pipelines import storage
+from pipelines.training.sampling import MAX_COPIES
 from pipelines.formats.synth import write_synth
 
 
@@ -61,7 +64,7 @@ def test_worker_failure_resumes_from_last_checkpoint(first_run):
     assert code == 0
     assert storage.exists(f"{output}/injected-failure"), "the failure was injected"
     metrics = _metrics(output)
-    assert {"event": "resumed", "step": 3} in metrics
+    assert {"event": "resumed", "step": 3, "epoch": 0, "epoch_images_done": 24} in metrics
     assert [m["step"] for m in metrics if "loss" in m][-1] == 8
     model, payload = retinanet.load_checkpoint(storage.read_bytes(f"{output}/model.pt"))
     assert payload["step"] == 8 and payload["preset"] == "tiny" and model.config.num_classes == 3
@@ -71,12 +74,40 @@ def test_worker_failure_resumes_from_last_checkpoint(first_run):
     assert storage.exists(f"{output}/loss_curve.png")
 
 
+def _batches(debug):
+    """{(rank, pid): [{"step", "epoch", "keys"}, ...]} of every attempt, as trained."""
+    return {(p.name.split("-")[1], p.name.split("-")[2]): [json.loads(line) for line in p.read_text().splitlines()]
+            for p in debug.glob("batches-*.jsonl")}
+
+
+def test_interrupted_epoch_trains_every_image_exactly_once(first_run):
+    """48 images, 2 workers x 4: 6 steps per epoch; checkpoint at 3, a worker killed after 5."""
+    _, debug, _ = first_run
+    attempts = _batches(debug)
+    assert len(attempts) == 4, "two ranks, each started twice"
+    first = [a for a in attempts.values() if a[0]["step"] == 1]
+    second = [a for a in attempts.values() if a[0]["step"] == 4]
+    assert len(first) == len(second) == 2
+    assert max(b["step"] for a in first for b in a) == 5, "killed after step 5"
+    # what counts from the lost attempt: the steps its checkpoint kept (1-3)
+    epoch0 = [k for a in first for b in a if b["step"] <= 3 for k in b["keys"]]
+    epoch0 += [k for a in second for b in a if b["epoch"] == 0 for k in b["keys"]]
+    image_ids = [k // MAX_COPIES for k in epoch0]
+    assert sorted(image_ids) == list(range(1, 49)), "every image of the interrupted epoch once"
+    assert [b["step"] for b in second[0]] == [4, 5, 6, 7, 8] and {b["epoch"] for b in second[0] if b["step"] > 6} == {1}
+    # the next epoch is a new order: its first batches are not epoch 0's first batches
+    assert set(second[0][3]["keys"]) != set(first[0][0]["keys"])
+
+
 def test_workers_see_disjoint_data_and_keep_identical_parameters(first_run):
     _, debug, _ = first_run
     records = _records(debug)
     assert [r["rank"] for r in records] == [0, 1]
-    ids = [set(r["image_ids"]) for r in records]
-    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    resumed = {rank: a for (rank, _), a in _batches(debug).items() if a[0]["step"] == 4}
+    for epoch in (0, 1):  # within an epoch, the ranks' images are disjoint
+        ids = [{k for b in resumed[rank] if b["epoch"] == epoch for k in b["keys"]} for rank in ("rank0", "rank1")]
+        assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert sum(len(r["image_ids"]) for r in records) == 5 * 8
     assert records[0]["param_checksum"] == records[1]["param_checksum"]
     assert all(r["resumed_from"] == 3 for r in records)
 
@@ -92,7 +123,7 @@ def test_rerun_continues_from_saved_step_and_optimizer_state(first_run, shards_o
     assert records[0]["resumed_momentum_checksum"] == pytest.approx(momentum_checksum(saved["optimizer"]), rel=1e-9)
     assert records[0]["resumed_momentum_checksum"] != 0.0
     metrics = _metrics(output)
-    assert {"event": "resumed", "step": 8} in metrics
+    assert {"event": "resumed", "step": 8, "epoch": 1, "epoch_images_done": 16} in metrics
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps[-1] == 14 and 2 not in steps[steps.index(8) + 1:], "continued at 8, not from 0"
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -118,6 +149,48 @@ def test_bad_input_is_a_user_error(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("learning_rate: 3\n")
     with pytest.raises(UserError, match="unknown options"):
         train.resolve_options(["--config", str(tmp_path / "c.yaml"), "--data", "x", "--output", "y"])
+
+
+def test_config_values_are_typed_by_the_flags_parser(tmp_path):
+    from pipelines.errors import UserError
+
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 1e-3\nbatch_size: 2\nuse_gpu: false\nscale_jitter: [0.8, 1.2]\nepochs: 3\n")
+    options = train.resolve_options(["--config", str(config), "--data", "d", "--output", "o", "--max-steps", "9"])
+    assert options["lr"] == 0.001 and isinstance(options["lr"], float)  # YAML reads 1e-3 as a string
+    assert options["batch_size"] == 2 and options["scale_jitter"] == [0.8, 1.2] and options["use_gpu"] is False
+    assert options["max_steps"] == 9 and options["epochs"] is None, "the command line's run length wins"
+    config.write_text("batch_size: eight\n")
+    with pytest.raises(UserError, match=r"c\.yaml: argument --batch-size: invalid int value: 'eight'"):
+        train.resolve_options(["--config", str(config), "--data", "d", "--output", "o"])
+    config.write_text("preset: r18\n")
+    with pytest.raises(UserError, match="c.yaml: argument --preset: invalid choice"):
+        train.resolve_options(["--config", str(config), "--data", "d", "--output", "o"])
+
+
+def test_missing_images_shorten_epochs_instead_of_stalling(ray_local, synth_coco, tmp_path):
+    """24 listed images, 10 missing (more than a global batch of 4): epochs end when their data
+    ends, and the run still stops at its planned step (24 // 4 = 6 for its one planned epoch)."""
+    import shutil
+
+    data = tmp_path / "coco"
+    shutil.copytree(synth_coco, data)
+    for name in sorted(p.name for p in (data / "images").iterdir())[:10]:
+        (data / "images" / name).unlink()
+    output = tmp_path / "run"
+    assert train.main(["--data", str(data), "--output", str(output), "--num-workers", "1", "--batch-size", "4",
+                       "--epochs", "1", "--image-size", "64", "--log-every", "100", "--checkpoint-every", "100",
+                       "--logger", "tensorboard"]) == 0
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    ends = [m for m in metrics if m.get("event") == "epoch_end"]
+    assert [m["step"] for m in ends] == [3, 6], "14 readable images: 3 steps an epoch"
+    assert all(m["missing_or_undecodable"] == 10 and m["read"] == 14 and m["rank_tails"] == 2 for m in ends)
+    assert [m["step"] for m in metrics if "loss" in m][-1] == 6
+    assert list((output / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard events under the output"
+    import yaml
+
+    saved = yaml.safe_load((output / "config.yaml").read_text())
+    assert saved["max_steps"] == 6 and saved["model"]["min_size"] == 64 and saved["data"] == str(data)
 
 
 def test_missing_data_fails_before_ray_starts(tmp_path):

@@ -203,8 +203,10 @@ def preprocess_batch(
     Targets are made vectorized for the whole batch (crowd boxes dropped, category ids mapped
     to contiguous labels = position in the sorted `category_ids`); decode/resize/flip are per
     image because images differ in size. Randomness (flip, scale jitter) comes from a
-    generator seeded by (seed, epoch, execution, image_id), so it does not depend on block
-    boundaries or scheduling; `execution` counts the passes over one dataset (see datasets.py).
+    generator seeded by (seed, epoch, execution, image_id, copy), so it does not depend on block
+    boundaries or scheduling, and each repeat-factor copy of an image (the optional ``copy``
+    column, passed through) draws its own. Scale jitter multiplies the shorter side only; the
+    longer side keeps `max_size` (detectron2's ResizeShortestEdge rule).
     Rows whose bytes do not decode are dropped with a warning instead of stopping the run.
     """
     sorted_ids = np.asarray(sorted(category_ids), np.int64)
@@ -221,16 +223,17 @@ def preprocess_batch(
     labels_per_row = np.split(pos[keep].astype(np.int64), splits)
 
     out: dict[str, list] = {k: [] for k in (
-        "image_id", "pixels", "height", "width", "orig_height", "orig_width", "scale",
+        "image_id", "copy", "pixels", "height", "width", "orig_height", "orig_width", "scale",
         "boxes", "labels", "num_boxes")}
     image_ids = batch["image_id"].to_numpy()
+    copies = batch["copy"].to_numpy() if "copy" in batch.column_names else np.zeros(len(image_ids), np.int64)
     for i, data in enumerate(batch["image"].to_pylist()):
         image_id = int(image_ids[i])
-        rng = np.random.default_rng([seed, epoch, execution, image_id & 0x7FFFFFFFFFFFFFFF])
+        rng = np.random.default_rng([seed, epoch, execution, image_id & 0x7FFFFFFFFFFFFFFF, int(copies[i])])
         lo, hi = scale_jitter if (train and scale_jitter) else (1.0, 1.0)
         factor = float(rng.uniform(lo, hi)) if hi > lo else lo
         try:
-            pixels, (orig_h, orig_w) = load_resized(data, min_size * factor, max_size * factor)
+            pixels, (orig_h, orig_w) = load_resized(data, min_size * factor, max_size)
         except ImageDecodeError as exc:
             log.warning("skipping image_id %s: %s", image_id, exc)
             continue
@@ -239,6 +242,7 @@ def preprocess_batch(
         if train and rng.random() < flip_prob:
             pixels, bxs = hflip(pixels, bxs)
         out["image_id"].append(image_id)
+        out["copy"].append(int(copies[i]))
         out["pixels"].append(np.ascontiguousarray(pixels).tobytes())
         out["height"].append(new_h)
         out["width"].append(new_w)
@@ -248,7 +252,7 @@ def preprocess_batch(
         out["boxes"].append(bxs.tobytes())
         out["labels"].append(labels_per_row[i].tobytes())
         out["num_boxes"].append(len(bxs))
-    dtypes = {"image_id": np.int64, "height": np.int32, "width": np.int32, "orig_height": np.int32,
+    dtypes = {"image_id": np.int64, "copy": np.int32, "height": np.int32, "width": np.int32, "orig_height": np.int32,
               "orig_width": np.int32, "scale": np.float32, "num_boxes": np.int32}
     return {k: (np.asarray(v, dtypes[k]) if k in dtypes else _object_array(v)) for k, v in out.items()}
 
@@ -301,10 +305,12 @@ def _int_column(batch: dict, name: str, default: int) -> np.ndarray:
     return np.asarray(values, np.int64)
 
 
-def collate_detection_batch(batch: dict[str, np.ndarray], size_divisible: int = 128) -> dict[str, torch.Tensor]:
+def collate_detection_batch(batch: dict[str, np.ndarray], size_divisible: int = 128,
+                            mean: Sequence[float] = IMAGENET_MEAN,
+                            std: Sequence[float] = IMAGENET_STD) -> dict[str, torch.Tensor]:
     """Training rows -> padded tensors, for `iter_torch_batches(collate_fn=...)`.
 
-    Images are normalized with the ImageNet mean/std (0..1 scale) and zero-padded at the
+    Images are normalized with the model's mean/std (0..1 scale; ImageNet's by default) and zero-padded at the
     bottom/right to a multiple of `size_divisible`, so every FPN level divides evenly. Targets
     are padded to the largest box count M in the batch (boxes with 0, labels with -1) and
     `num_boxes` says how many are real: the batched matcher needs no Python loop. Batches
@@ -319,8 +325,8 @@ def collate_detection_batch(batch: dict[str, np.ndarray], size_divisible: int = 
     pad_w = int(-(-max(int(widths.max(initial=0)), 1) // size_divisible) * size_divisible)
     # Normalize each image straight into its slot of a zeroed batch: two passes over the
     # pixels (to float, then x * 1/(255 std) - mean/std) and the padding stays exactly 0.
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    scale, bias = 1.0 / (255.0 * std), -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    scale, bias = 1.0 / (255.0 * std), -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std
     images = torch.zeros(n, 3, pad_h, pad_w)
     with warnings.catch_warnings():  # the pixels are only read, never written through
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -352,6 +358,7 @@ def collate_detection_batch(batch: dict[str, np.ndarray], size_divisible: int = 
         "labels": torch.from_numpy(labels),
         "num_boxes": torch.tensor(counts, dtype=torch.int64),  # copies: Ray's arrays are read-only
         "image_id": torch.tensor(_int_column(batch, "image_id", -1), dtype=torch.int64),
+        "copy": torch.tensor(_int_column(batch, "copy", 0) if "copy" in batch else np.zeros(n, np.int64)),
         "scale": torch.tensor(np.asarray(batch["scale"], np.float32), dtype=torch.float32),
         "original_sizes": torch.from_numpy(np.stack(
             [np.asarray(batch["orig_height"], np.int64), np.asarray(batch["orig_width"], np.int64)], axis=1)),

@@ -1,9 +1,9 @@
 """Ray Data datasets for training, evaluation and batch inference.
 
 - `detection_dataset`: prepared shards (manifest.json) or a COCO layout (images/ +
-  annotations.json) -> streaming rows ready for `collate_detection_batch`. Shards are read
-  with `read_parquet`, file order shuffled per (seed, epoch) for training, and decoded,
-  resized and flipped in CPU tasks, so memory stays flat however large the dataset is.
+  annotations.json) -> streaming rows ready for `collate_detection_batch`, one epoch per
+  dataset for training (images shuffled one by one per (seed, epoch)); decoded, resized and
+  flipped in CPU tasks.
 - `image_files_dataset`: a folder or bucket prefix of JPEG/PNG files (recursive) -> rows
   ``uri`` string, ``image`` binary (encoded bytes; null if unreadable), ``image_id`` int64
   (always null), ``error`` string (null when read), for batch inference. A file that cannot
@@ -24,7 +24,8 @@ from pipelines.formats import shards
 from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES, Manifest, input_kind, read_manifest
-from pipelines.images.transforms import collate_detection_batch, preprocess_batch
+from pipelines.images.transforms import IMAGENET_MEAN, IMAGENET_STD, collate_detection_batch, preprocess_batch
+from pipelines.training.sampling import repeat_rows, sample_keys
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,27 @@ class DetectionCollate(NumpyBatchCollateFn):
     """`collate_detection_batch` as the collate class Ray 2.60 prefers (plain functions are
     deprecated there): ``ds.iter_torch_batches(collate_fn=DetectionCollate())``."""
 
-    def __init__(self, size_divisible: int = 128):
-        self.size_divisible = size_divisible
+    def __init__(self, size_divisible: int = 128, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.size_divisible, self.mean, self.std = size_divisible, tuple(mean), tuple(std)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return collate_detection_batch(batch, self.size_divisible)
+        return collate_detection_batch(batch, self.size_divisible, self.mean, self.std)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """One 32-bit seed per (seed, epoch): each epoch reads the shards in a new, reproducible order."""
+    """One 32-bit seed per (seed, epoch): each epoch gets its own, reproducible image order."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def training_manifest(uri: str) -> Manifest:
+    """The manifest of training data (shards, or a COCO layout read on the spot), without Ray:
+    what a job needs to plan a run and check its input before starting Ray."""
+    if training_input_kind(uri) == "shards":
+        manifest = read_manifest(uri)
+        if not manifest.shards:
+            raise UserError(f"{uri}: the manifest lists no shards; rerun jobs.prepare")
+        return manifest
+    return coco_layout_records(uri)[1]
 
 
 def detection_dataset(
@@ -60,46 +72,53 @@ def detection_dataset(
     flip_prob: float = 0.5,
     batch_size: int = 16,
     repeat_factor_threshold: float | None = None,
+    exclude_keys: np.ndarray | None = None,
 ) -> tuple[ray.data.Dataset, Manifest]:
     """Rows for `collate_detection_batch` from shards or a COCO layout, plus the dataset's manifest.
 
-    `scale_jitter=(lo, hi)` multiplies `image_size` and `max_size` by a factor drawn per image
-    (training only). For training, every pass over the returned dataset (each epoch of a Ray
-    Train run iterates it again) reads the shards in a new order and draws new flips and
-    jitter, yet reproducibly: the n-th pass of a dataset built with (seed, epoch) is always the
-    same, using Ray's own execution counter. Build one dataset per `epoch` to pin an epoch.
-    A COCO layout is shuffled once per (seed, epoch), not per pass.
-    `repeat_factor_threshold=t` (training, shards) repeats images of rare categories, LVIS's
-    repeat-factor sampling (`pipelines.training.sampling`), deterministically by (seed, epoch + pass).
+    For training the dataset is one epoch: its images shuffled one by one in an order fixed by
+    (seed, epoch) (a seeded `random_shuffle` of the shards' rows, which spills to the object
+    store instead of growing memory; a COCO layout permutes its image list), with new flips and
+    jitter per (seed, epoch, image, copy). `scale_jitter=(lo, hi)` multiplies `image_size` by a
+    factor drawn per image (training only); `max_size` stays the cap.
+    `repeat_factor_threshold=t` (shards) repeats images of rare categories, LVIS's repeat-factor
+    sampling (`pipelines.training.sampling`); the copies are shuffled over the whole epoch like
+    any image. `exclude_keys` (`sampling.sample_keys` of rows already trained) leaves those rows
+    out and keeps the others in the epoch's order: how a resumed epoch continues exactly.
+    Rows carry ``copy`` so that a trainer can record its `sample_keys`.
     """
     kind = training_input_kind(uri)
+    factors = None
     if kind == "shards":
-        manifest = read_manifest(uri)
-        if not manifest.shards:
-            raise UserError(f"{uri}: the manifest lists no shards; rerun jobs.prepare")
+        manifest = training_manifest(uri)
         fs, _ = storage.arrow_filesystem(uri)
         paths = [storage.resolve(u).path for u in shards.shard_uris(uri, manifest)]
-        shuffle = ray.data.FileShuffleConfig(seed=epoch_seed(seed, epoch), reseed_after_execution=True)
-        ds = read_shards(paths, fs, shuffle=shuffle if train else None).select_columns(
-            ["image_id", "image", "boxes", "category_id", "iscrowd"])
-    else:
-        ds, manifest = coco_layout_dataset(uri, shuffle_seed=epoch_seed(seed, epoch) if train else None)
-    if train and repeat_factor_threshold:
-        if kind != "shards":
-            raise UserError(f"{uri}: repeat-factor sampling reads category counts from shards; run jobs.prepare")
-        from pipelines.evaluation.report import train_image_counts
-        from pipelines.training.sampling import category_repeat_factors
+        ds = read_shards(paths, fs).select_columns(["image_id", "image", "boxes", "category_id", "iscrowd"])
+        if train and repeat_factor_threshold:
+            from pipelines.evaluation.report import train_image_counts
+            from pipelines.training.sampling import category_repeat_factors
 
-        factors = category_repeat_factors(train_image_counts(uri), manifest.num_images, repeat_factor_threshold)
-        ds = ds.map_batches(_repeat_pass, batch_format="pyarrow",
+            factors = category_repeat_factors(train_image_counts(uri), manifest.num_images, repeat_factor_threshold)
+    else:
+        if train and repeat_factor_threshold:
+            raise UserError(f"{uri}: repeat-factor sampling reads category counts from shards; run jobs.prepare")
+        ds, manifest = coco_layout_dataset(uri, shuffle_seed=epoch_seed(seed, epoch) if train else None)
+    if train:
+        ds = ds.map_batches(repeat_rows, batch_format="pyarrow",
                             fn_kwargs={"factors": factors, "seed": seed, "epoch": epoch})
+        if kind == "shards":
+            ds = ds.random_shuffle(seed=epoch_seed(seed, epoch))
+        if exclude_keys is not None and len(exclude_keys):
+            ds = ds.map_batches(_drop_keys, batch_format="pyarrow", fn_kwargs={"keys": np.unique(exclude_keys)})
     # A read task yields one big block per ~128 MiB of shards; cut it into small blocks so that
     # decoding spreads over every CPU instead of running in one task.
     ds = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
-        _preprocess_pass, batch_format="pyarrow", batch_size=batch_size,
+        preprocess_batch, batch_format="pyarrow", batch_size=batch_size,
         fn_kwargs={"category_ids": manifest.category_ids, "min_size": image_size, "max_size": max_size,
                    "train": train, "seed": seed, "epoch": epoch, "scale_jitter": scale_jitter,
                    "flip_prob": flip_prob})
+    if train:
+        ds.context.execution_options.preserve_order = True  # the epoch's order, reproducibly
     return ds, manifest
 
 
@@ -112,20 +131,11 @@ def training_input_kind(uri: str) -> str:
     return kind
 
 
-def _preprocess_pass(batch: pa.Table, **kwargs) -> dict[str, np.ndarray]:
-    """`preprocess_batch` told which pass over the dataset this is (Ray counts executions of a
-    dataset in its context, which tasks inherit; Ray's own random ops seed the same way)."""
-    execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
-    return preprocess_batch(batch, execution=execution, **kwargs)
-
-
-def _repeat_pass(batch: pa.Table, factors: dict[int, float], seed: int, epoch: int) -> pa.Table:
-    """`repeat_rows` with new coins on every pass: pass n of a dataset built for `epoch` draws
-    as epoch + n (`sampling.epoch_sizes` gives the resulting epoch lengths)."""
-    from pipelines.training.sampling import repeat_rows
-
-    execution = getattr(ray.data.DataContext.get_current(), "_execution_idx", 0)
-    return repeat_rows(batch, factors, seed=seed, epoch=epoch + execution)
+def _drop_keys(batch: pa.Table, keys: np.ndarray) -> pa.Table:
+    """Rows whose (image id, copy) key is not in the sorted `keys`."""
+    rows = sample_keys(batch["image_id"].to_numpy(), batch["copy"].to_numpy())
+    position = np.searchsorted(keys, rows).clip(0, max(len(keys) - 1, 0))
+    return batch.filter(pa.array(keys[position] != rows))
 
 
 def read_shards(paths: list[str], filesystem, **read_parquet_args) -> ray.data.Dataset:
@@ -145,12 +155,9 @@ def read_shards(paths: list[str], filesystem, **read_parquet_args) -> ray.data.D
             os.environ.pop(_FOOTER_ACTORS, None)
 
 
-def coco_layout_dataset(uri: str, shuffle_seed: int | None = None) -> tuple[ray.data.Dataset, Manifest]:
-    """Shard-schema rows straight from ``images/`` + ``annotations.json`` (no prepare step).
-
-    Annotations are validated as in `jobs.prepare` (problems skipped and logged); images are
-    read in parallel tasks, a missing file is logged and skipped.
-    """
+def coco_layout_records(uri: str) -> tuple[list[dict], Manifest]:
+    """Validated image records of a COCO layout and its manifest (annotations checked as in
+    `jobs.prepare`; problems skipped and logged)."""
     root = storage.resolve(uri)
     annotations = root.join(COCO_ANNOTATIONS).uri()
     issues = coco.Issues()
@@ -162,8 +169,6 @@ def coco_layout_dataset(uri: str, shuffle_seed: int | None = None) -> tuple[ray.
         log.warning("%s: skipped or fixed input problems: %s", annotations, issues.summary())
     if not records:
         raise UserError(f"{annotations}: no images listed; give a COCO file with images")
-    if shuffle_seed is not None:
-        records = [records[i] for i in np.random.default_rng(shuffle_seed).permutation(len(records))]
     manifest = Manifest(
         categories=categories, num_images=len(records),
         num_annotations=sum(len(r["boxes"]) for r in records),
@@ -171,6 +176,16 @@ def coco_layout_dataset(uri: str, shuffle_seed: int | None = None) -> tuple[ray.
         num_empty_images=sum(not r["boxes"] for r in records),
         source={"images": root.join(COCO_IMAGES).uri(), "annotations": annotations},
         issues=dict(issues.counts), issue_examples=issues.examples)
+    return records, manifest
+
+
+def coco_layout_dataset(uri: str, shuffle_seed: int | None = None) -> tuple[ray.data.Dataset, Manifest]:
+    """Shard-schema rows straight from ``images/`` + ``annotations.json`` (no prepare step),
+    in an order permuted by `shuffle_seed`; images are read in parallel tasks, a missing file
+    is logged and skipped."""
+    records, manifest = coco_layout_records(uri)
+    if shuffle_seed is not None:
+        records = [records[i] for i in np.random.default_rng(shuffle_seed).permutation(len(records))]
     ds = ray.data.from_items(records, override_num_blocks=_num_blocks(len(records)))
     ds = ds.map_batches(_attach_images, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK,
                         fn_kwargs={"images_uri": manifest.source["images"]})

@@ -71,7 +71,24 @@ def epoch_sizes(category_image_pairs: np.ndarray, num_images: int, factors: dict
     return np.array([unlabeled + _draw_counts(per_image, image_ids, seed, e).sum() for e in epochs], dtype=np.int64)
 
 
-def repeat_rows(batch: pa.Table, factors: dict[int, float], seed: int = 0, epoch: int = 0) -> pa.Table:
-    """Ray Data `map_batches` step (pyarrow format): each row repeated by its image's count."""
+def repeat_rows(batch: pa.Table, factors: dict[int, float] | None, seed: int = 0, epoch: int = 0) -> pa.Table:
+    """Ray Data `map_batches` step (pyarrow format): each row repeated by its image's count, with
+    a ``copy`` column (0, 1, ... per image) that gives each copy its own flip and jitter and its
+    own `sample_keys` entry. Without `factors` every row is kept once (copy 0)."""
+    if not factors:
+        return batch.append_column("copy", pa.array(np.zeros(batch.num_rows, np.int32)))
     counts = image_repeat_counts(batch.column("category_id"), batch.column("image_id").to_numpy(), factors, seed, epoch)
-    return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), counts)))
+    copies = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), counts))).append_column(
+        "copy", pa.array(copies.astype(np.int32)))
+
+
+MAX_COPIES = 1 << 10
+
+
+def sample_keys(image_ids: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """One int64 per row of an epoch, (image id, copy): what a resumed epoch leaves out."""
+    copies = np.asarray(copies, np.int64)
+    if len(copies) and copies.max() >= MAX_COPIES:
+        raise ValueError(f"an image repeated {copies.max() + 1} times; at most {MAX_COPIES} per epoch")
+    return np.asarray(image_ids, np.int64) * MAX_COPIES + copies

@@ -1,0 +1,62 @@
+"""Training input, one epoch at a time, on the workers of `jobs.train`.
+
+Each epoch is its own dataset: images shuffled one by one in an order fixed by (seed, epoch),
+minus the rows a resumed epoch already trained on (their (image id, copy) keys travel in the
+checkpoint). Rank 0 builds it and splits it (`streaming_split(equal=True)`: every rank gets as
+many rows as the others, so all ranks run out of data at the same batch, and the epoch ends
+when its data ends, however many images were missing or undecodable). The other ranks receive
+their iterators through the process group, so nothing depends on Ray Train's dataset setup.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipelines.training.datasets import detection_dataset
+from pipelines.training.sampling import sample_keys
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def epoch_shard(cfg: dict, epoch: int, exclude: np.ndarray, rank: int, world: int):
+    """This rank's `DataIterator` over epoch `epoch` (rows whose keys are in `exclude` left out)."""
+    splits = None
+    if rank == 0:
+        ds, _ = detection_dataset(cfg["data"], image_size=cfg["image_size"], max_size=cfg["model"]["max_size"],
+                                  train=True, seed=cfg["seed"], epoch=epoch, scale_jitter=cfg["scale_jitter"],
+                                  batch_size=cfg["batch_size"], repeat_factor_threshold=cfg["repeat_factor_threshold"],
+                                  exclude_keys=exclude)
+        splits = ds.streaming_split(world, equal=True)
+    if _distributed():
+        box = [splits]
+        dist.broadcast_object_list(box, src=0)
+        splits = box[0]
+    return splits[rank]
+
+
+def batch_keys(batch: dict) -> np.ndarray:
+    """`sample_keys` of a collated batch's rows."""
+    return sample_keys(batch["image_id"].numpy(), batch["copy"].numpy())
+
+
+def gather_keys(local: list[np.ndarray]) -> np.ndarray:
+    """Every rank's trained keys of this epoch, concatenated (called by all ranks)."""
+    mine = np.concatenate(local) if local else np.zeros(0, np.int64)
+    if not _distributed():
+        return mine
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return np.concatenate(everyone)
+
+
+def sum_over_ranks(*counts: int) -> list[int]:
+    """Element-wise sums of small counters over all ranks (called by all ranks)."""
+    values = torch.tensor(counts, dtype=torch.int64)
+    if _distributed():
+        if dist.get_backend() == "nccl":
+            values = values.cuda()
+        dist.all_reduce(values)
+    return [int(v) for v in values.cpu()]
