@@ -96,7 +96,7 @@ def synthetic_part_rows(unit: int, rows: int = 256, per_image: int = 20):
 
 
 def write_parts(units: list[int], output: str) -> int:
-    """One writer's work: build, encode and atomically write each unit's part (as a UnitWorker does)."""
+    """One writer's work: build, encode and atomically write each unit's part (as a UnitDetector does)."""
     from pipelines import storage
     from pipelines.inference import predictions
 

@@ -121,6 +121,7 @@ def test_worker_killed_mid_run_then_rerun_is_exactly_once(ray_local, checkpoint,
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    print(f"worker-kill run exited {code}")  # for the log: 0 = Ray restarted the actor and retried its call
     # Ray restarts the actor and retries its call, or the run fails: either way a rerun is exactly once.
     assert code in (0, 1), (tmp_path / "driver.log").read_text()[-3000:]
     assert infer.main(argv[:-2]) == 0

@@ -2,7 +2,7 @@
 
 The driver reads the plan's counts and which parts exist (`plan.finished_units`), then runs a
 streaming dataset over the plan's row groups: tasks read the units of a group, skip finished
-ones and hand each unit alone to a pool of `UnitWorker` actors (model loaded once, a GPU each
+ones and hand each unit alone to a pool of `UnitDetector` actors (model loaded once, a GPU each
 with --use-gpu), which read, decode, detect and write the unit's part themselves
 (`pipelines.inference.units`). What reaches the driver is one small record per unit, which it
 counts for progress and the exit status. The pool is a range (`min_actors`..`max_actors`, None =
@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.inference import plan as plans
-from pipelines.inference.units import RECORD_SCHEMA, UnitWorker
+from pipelines.inference.units import RECORD_SCHEMA, UnitDetector
 
 # Detector calls in flight per GPU actor: while one waits on the GPU, the next one's CPU work
 # (canvas fill, host-to-device copy, building rows) runs, instead of leaving the GPU idle.
@@ -121,7 +121,7 @@ def run_inference(plan: plans.Plan, done: np.ndarray, output: str, checkpoint, m
             _pending_units, batch_format="pyarrow", batch_size=1, fn_kwargs={"units_uri": plan.units_uri, "done": done})
         ds = ds.repartition(target_num_rows_per_block=1)  # one unit per actor call
         ds = ds.map_batches(
-            UnitWorker, batch_size=1, batch_format="pyarrow", compute=pool,
+            UnitDetector, batch_size=1, batch_format="pyarrow", compute=pool,
             num_gpus=1 if o.use_gpu else 0, num_cpus=o.cpus_per_actor,
             fn_constructor_kwargs={
                 "checkpoint": ref, "output": output, "chunk": o.batch_size,

@@ -13,7 +13,7 @@ with ``error``.
 
 Reading and decoding run in a thread pool inside the worker, a few chunks ahead of the detector:
 PIL and the object-store client release the GIL, so a GPU is fed while the next chunk decodes,
-and decode capacity grows with the pool of workers. Nothing here needs Ray (`UnitWorker` is the
+and decode capacity grows with the pool of workers. Nothing here needs Ray (`UnitDetector` is the
 thin Ray Data actor around it).
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def process_unit(spec: dict, detector: Detector, output: str, *, chunk: int, poo
             "failure": None}
 
 
-class UnitWorker:
+class UnitDetector:
     """Ray Data actor: unit specs -> records, writing each unit's part itself.
 
     `threads` read+decode threads (the CPUs the actor declares); `ahead` chunks decoded ahead of
