@@ -35,8 +35,8 @@ from pipelines.formats.synth import SHAPES, class_probabilities, generate_image
 from pipelines.images.transforms import decode_image
 from retinanet.matching import BACKGROUND, IGNORE, match_anchors
 
-NUM_CLASSES, TILE, GRID = 3, 64, 2
-ANCHOR_SIZES = (8, 16, 32, 64, 128)  # for 5-45 px objects in 128 px images (the tiny preset's start at 16)
+NUM_CLASSES = 3
+ANCHOR_SIZES = (8, 16, 32, 64, 128)  # for 5-45 px objects (the tiny preset's start at 16)
 
 # (name, RetinaNetConfig overrides, the paper's AP on COCO minival; Table 1a/b: ResNet-50, 1d: ResNet-101)
 ROWS = [
@@ -51,18 +51,18 @@ ROWS = [
 ]
 
 
-def mosaic_dataset(count: int, seed: int) -> dict:
-    """`count` images of GRID x GRID synth tiles: normalized images, padded targets, COCO ground truth."""
+def mosaic_dataset(count: int, seed: int, tile: int, grid: int) -> dict:
+    """`count` images of grid x grid synth tiles: normalized images, padded targets, COCO ground truth."""
     probs = class_probabilities(NUM_CLASSES)
-    size = TILE * GRID
+    size = tile * grid
     images = np.zeros((count, size, size, 3), np.uint8)
     boxes, labels, coco_images, annotations = [], [], [], []
     for i in range(count):
         image_boxes, image_labels = [], []
-        for t in range(GRID * GRID):
-            data, anns = generate_image(i * GRID * GRID + t, seed=seed, image_size=TILE, class_probs=probs)
-            ox, oy = TILE * (t % GRID), TILE * (t // GRID)
-            images[i, oy:oy + TILE, ox:ox + TILE] = decode_image(data)
+        for t in range(grid * grid):
+            data, anns = generate_image(i * grid * grid + t, seed=seed, image_size=tile, class_probs=probs)
+            ox, oy = tile * (t % grid), tile * (t // grid)
+            images[i, oy:oy + tile, ox:ox + tile] = decode_image(data)
             for cls, (x, y, w, h), area in anns:
                 image_boxes.append([x + ox, y + oy, x + ox + w, y + oy + h])
                 image_labels.append(cls)
@@ -142,6 +142,8 @@ def train_and_score(cfg: retinanet.RetinaNetConfig, train: dict, val: dict, args
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))  # measured only
         optimizer.step()
         losses.append(round(float(loss.detach()), 4))
+        if args.progress and (step + 1) % args.progress == 0:
+            print(f"  step {step + 1}: loss {losses[-1]:.4f} ({time.time() - started:.0f} s)", flush=True)
     train_seconds = time.time() - started
     if diverged:
         stats = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
@@ -177,6 +179,47 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def plot(result: dict, png: str) -> None:
+    """AP by gamma for the focal rows (alpha-CE at gamma 0), the other rows as horizontal lines;
+    ours on the left (mean, error bar = half the range over seeds), the paper's on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {r["row"]: r for r in result["rows"]}
+    gammas = {0: 0.0, 1: 0.5, 2: 1.0, 3: 2.0, 4: 5.0}
+    lines = {5: ("OHEM 1:3", "tab:orange"), 6: ("OHEM", "tab:red"), 7: ("FL gamma 2, no prior", "tab:gray")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, ours in zip(axes, (True, False)):
+        curve = [(g, rows[i]) for i, g in gammas.items() if i in rows]
+        ys = [r["AP"]["mean"] * 100 if ours else r["paper_AP"] for _, r in curve]
+        ax.errorbar([g for g, _ in curve], ys, yerr=[r["AP"]["spread"] * 100 for _, r in curve] if ours else None,
+                    marker="o", capsize=3, label="focal loss (gamma 0: alpha-CE, alpha .75)")
+        for i, (label, colour) in lines.items():
+            value = rows[i]["AP"]["mean"] * 100 if ours and i in rows else (rows[i]["paper_AP"] if i in rows else None)
+            if value is not None:
+                ax.axhline(value, color=colour, linestyle="--", label=label)
+        ax.set_xlabel("gamma")
+        ax.set_ylabel("AP (%)")
+        ax.set_title("this project (tiny preset, CPU, synthetic small objects)" if ours
+                     else "paper, Table 1 (COCO minival; OHEM: ResNet-101)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: ours (mean +- half range over seeds, in %) beside the paper's AP."""
+    lines = ["| row | AP | AP50 | AP75 | diverged | paper AP |", "|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: r["row"]):
+        cells = [f"{r[k]['mean'] * 100:.1f} ± {r[k]['spread'] * 100:.1f}" for k in ("AP", "AP50", "AP75")]
+        paper = "diverges with CE (no number)" if r["paper_AP"] is None else f"{r['paper_AP']}"
+        lines.append(f"| {r['name']} | {' | '.join(cells)} | {r['diverged']}/{len(r['runs'])} | {paper} |")
+    return "\n".join(lines)
+
+
 def load_average() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -184,26 +227,37 @@ def load_average() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--num-train", type=int, default=800)
     parser.add_argument("--num-val", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rows", type=int, nargs="*", help="row indices of ROWS to run, in this order (default all)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tile", type=int, default=64, help="synth image side, px (objects 10-90 px per 128)")
+    parser.add_argument("--grid", type=int, default=1, help="tiles per side of a training image (2: 4x the objects)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--progress", type=int, default=0, help="print the loss every N steps (0: never)")
     parser.add_argument("--out", default="bench/results/ablation-cpu.json")
+    parser.add_argument("--plot", default="bench/results/ablation.png", help="where the plot goes")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out, train nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.load(open(args.out)), args.plot)
+        print(markdown_table(json.load(open(args.out))))
+        return
     torch.set_num_threads(args.threads)
-    train, val = mosaic_dataset(args.num_train, seed=1000), mosaic_dataset(args.num_val, seed=2000)
+    train = mosaic_dataset(args.num_train, seed=1000, tile=args.tile, grid=args.grid)
+    val = mosaic_dataset(args.num_val, seed=2000, tile=args.tile, grid=args.grid)
     base = retinanet.preset("tiny", num_classes=NUM_CLASSES, anchor_sizes=ANCHOR_SIZES)
     result = {
         "command": "python " + " ".join(sys.argv),
         "device": f"CPU, torch.set_num_threads({args.threads}); machine shared with other sessions",
         "torch": torch.__version__, "python": platform.python_version(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {
-            "preset": "tiny", "anchor_sizes": ANCHOR_SIZES, "image_size": TILE * GRID, "num_classes": NUM_CLASSES,
-            "data": f"{GRID}x{GRID} mosaics of synth {TILE}px images (train seed 1000, val seed 2000)"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "plot_only")} | {
+            "preset": "tiny", "anchor_sizes": ANCHOR_SIZES, "image_size": args.tile * args.grid,
+            "num_classes": NUM_CLASSES,
+            "data": f"{args.grid}x{args.grid} mosaics of synth {args.tile}px images (train seed 1000, val seed 2000)"},
         "anchors": anchor_shares(train, base),
         "load_average_start": load_average(), "rows": [],
     }
@@ -223,6 +277,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:  # rewritten after every row, so a stopped run keeps what it measured
             json.dump(result, f, indent=1)
+    plot(result, args.plot)
+    print(markdown_table(result))
 
 
 if __name__ == "__main__":
