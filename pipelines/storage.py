@@ -81,8 +81,9 @@ def _retry_settings(protocol: str) -> dict:
     """
     if protocol != "s3":
         return {}
-    return {"config_kwargs": {"retries": {"mode": os.environ.get("AWS_RETRY_MODE", "adaptive"),
-                                          "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))}}}
+    return {"config_kwargs": {"retries": {  # total_max_attempts counts the first try, as AWS_MAX_ATTEMPTS does
+        "mode": os.environ.get("AWS_RETRY_MODE", "adaptive"),
+        "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))}}}
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -212,6 +212,17 @@ def test_local_paths_refused_on_a_multi_node_cluster():
         infer.refuse_local_paths({"--output": "/data/out", "--input": "s3://b/in"}, nodes=3, shared_mount=False)
 
 
+def test_s3_retries_use_botocore_settings(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    fs = storage.resolve("s3://any-bucket/key").fs
+    assert fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 4}
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    assert storage.resolve("s3://any-bucket/key").fs.config_kwargs["retries"] == {
+        "mode": "adaptive", "total_max_attempts": storage.S3_MAX_ATTEMPTS}
+
+
 def test_detector_pool_is_a_range():
     def pool(*flags):
         return infer._pool_size(infer.build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", *flags]))

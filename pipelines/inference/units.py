@@ -117,11 +117,14 @@ def decoded_chunks(spec: dict, chunk: int, pool: ThreadPoolExecutor, ahead: int,
 
 def process_unit(spec: dict, detector: Detector, output: str, *, chunk: int, pool: ThreadPoolExecutor,
                  ahead: int, decode: dict) -> dict:
-    """Read, decode, detect and write one unit; returns its record (``failure`` set: not written)."""
+    """Read, decode, detect and write one unit; returns its record (``failure`` set: not written;
+    0 images: its part was already there, written by another run or an earlier attempt)."""
     unit = spec["unit"]
+    part = storage.resolve(output).join(predictions.part_name(unit)).uri()
     try:
+        if storage.exists(part):  # finished meanwhile by a concurrent identical run (or a retried call)
+            return {"unit": unit, "images": 0, "errors": 0, "failure": None}
         table = pa.concat_tables(detector(rows) for rows in decoded_chunks(spec, chunk, pool, ahead, **decode))
-        part = storage.resolve(output).join(predictions.part_name(unit)).uri()
         storage.write_bytes_atomic(part, predictions.to_parquet_bytes(table))
     except (UnitFailed, storage.StorageError) as exc:
         return {"unit": unit, "images": 0, "errors": 0, "failure": str(exc)}
