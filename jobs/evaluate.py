@@ -36,8 +36,8 @@ _ERRORS_IN_REPORT = 1000  # error rows listed in report.json (all are counted)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.evaluate", description="Score sharded predictions (jobs.infer's Parquet) against COCO "
-        "ground truth with pycocotools' numbers.")
+        prog="python -m jobs.evaluate", description="Score sharded predictions (jobs.infer's Parquet, or a COCO "
+        "results json) against COCO or LVIS ground truth with pycocotools' / lvis-api's numbers.")
     parser.add_argument("--predictions", required=True, metavar="URI",
                         help="a Parquet file, or a folder/prefix of them (jobs.infer --output), or a COCO results "
                              "json ([{image_id, category_id, bbox, score}, ...])")

@@ -134,20 +134,32 @@ def choose_executor(executor: str) -> str:
     return executor
 
 
-def run(gt: GroundTruthColumns, files: list[str], max_dets: int, coco_max_dets: list[int], workers: int,
+def run(gt: GroundTruthColumns, files: list[str], max_dets: int, coco_max_dets: list[int], workers: int | None,
         executor: str = "auto", progress: Progress | None = None,
         task_bytes: int = TASK_BYTES) -> tuple[np.ndarray, np.ndarray, list[ShardScore]]:
     """Score every file; precision [T, R, K, A, M], recall [T, K, A, M] and the map tasks' summaries
-    (their `buckets` emptied once reduced). Inputs smaller than one task are scored in this process."""
+    (their `buckets` emptied once reduced). Inputs smaller than one task are scored in this process.
+    `workers` (default: this machine's cores; on Ray the cluster's CPUs) sets the reduce buckets."""
     progress = progress or Progress(every_s=None)
     tasks = plan_tasks(file_sizes(files), task_bytes)
+    chosen = choose_executor(executor)
+    if not workers:
+        workers = _cluster_cpus() if chosen == "ray" else os.cpu_count() or 1
     buckets = max(1, min(gt.num_categories, 2 * workers))
     positives = gt.positives()
-    chosen = choose_executor(executor)
     if chosen == "local" and (workers == 1 or len(tasks) == 1):
         chosen = "in-process"  # nothing to overlap: no worker processes to start
     runner = {"ray": _run_ray, "local": _run_local, "in-process": _run_in_process}[chosen]
     return runner(gt, files, tasks, max_dets, coco_max_dets, workers, buckets, positives, progress)
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    from pipelines.ray_runtime import ensure_ray
+
+    ensure_ray()
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _assemble(gt: GroundTruthColumns, coco_max_dets: list[int], reduced) -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +316,6 @@ def score(uri: str, ground_truth: dict, protocol: str, max_dets: int, workers: i
 
     gt = ground_truth_columns(ground_truth, protocol)
     coco_max_dets = [1, 10, 100] if protocol == "coco" else [max_dets]
-    workers = workers or os.cpu_count() or 1
     if uri.rstrip("/").endswith(".json"):  # one list in memory by nature: scored in this process
         predictions = inputs.read_results_json(uri)
         files, kind = predictions.files, "json"
