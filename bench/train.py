@@ -4,7 +4,7 @@ much the Ray Data -> Ray Train path costs), and (2) torchvision's RetinaNet at i
 architecture trained with a torch DataLoader loop in the style of torchvision's detection
 references (PIL decode in DataLoader workers, the model's own transform, per-image targets).
 
-    .venv/bin/python bench/train.py [--images 320] [--steps 40] [--size 128]
+    PYTHONPATH=. .venv/bin/python bench/train.py [--images 320] [--steps 40] [--size 128] [--save FILE]
 
 All three use the same images, batch size, image size, threads and number of steps; images/s
 excludes the first logging window / warm-up steps.
@@ -132,13 +132,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--save", help="also write the figures as JSON here (e.g. bench/results/train-cpu.json)")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     work = tempfile.mkdtemp(prefix="bench-train-")
     root, shards = os.path.join(work, "synth"), os.path.join(work, "shards")
     write_synth(root, num_images=args.images, image_size=args.size, num_classes=3, seed=0, progress=lambda line: None)
     assert prepare.main(["--images", os.path.join(root, "images"), "--annotations",
                          os.path.join(root, "annotations.json"), "--output", shards]) == 0
     job = run_job(shards, os.path.join(work, "run"), args)
+    import ray
+
+    ray.shutdown()  # the job's local Ray instance must not compete with the two baselines
     batches, num_classes = in_memory_batches(shards, args)
     memory = run_in_memory(batches, num_classes, args)
     tv = run_torchvision(root, num_classes, args)
@@ -148,6 +153,16 @@ def main() -> None:
     print(f"{'same model on in-memory batches':52s} {memory:7.2f} images/s   efficiency {job / memory:.2f}")
     print(f"{'torchvision RetinaNet + DataLoader (references style)':52s} {tv:7.2f} images/s   "
           f"jobs.train / torchvision {job / tv:.2f}x")
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after} on {os.cpu_count()} cores")
+    if args.save:
+        figures = {"jobs_train_images_per_s": job, "in_memory_images_per_s": memory, "torchvision_images_per_s": tv,
+                   "pipeline_efficiency": job / memory, "vs_torchvision": job / tv, "cores": os.cpu_count(),
+                   "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
+                   "load_average_after": load_after, **{k: getattr(args, k) for k in ("images", "steps", "warmup",
+                                                                                      "batch", "size")}}
+        with open(args.save, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -58,11 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="shorter side after resize (default: the preset's, 800 for r50)")
     p.add_argument("--max-size", type=int, help="longer side at most (default image size x 1333/800)")
     p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], help="mixed precision on GPU (bf16)")
-    # Initial weights (issue 13)
-    p.add_argument("--backbone-weights", help="ImageNet weights of the ResNet: a torchvision name (r50/r101 default "
-                   "ResNet50_Weights.IMAGENET1K_V1 / ResNet101_...), a state-dict URI, or none")
-    p.add_argument("--norm", choices=["frozen_bn", "bn", "sync_bn", "group_norm"],
-                   help="backbone norm (default: the preset's; without pretrained weights sync_bn or group_norm)")
     p.add_argument("--init", help="fine-tune a whole detector: torchvision:retinanet_resnet50_fpn[_v2], a torchvision "
                    "state-dict URI or a checkpoint URI (its architecture is kept)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
@@ -90,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
                    help="worker placement over nodes (default PACK; SPREAD puts workers on different nodes)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray instance (default: max(4, cores))")
+    # Initial weights and run records (issue 13)
+    p.add_argument("--backbone-weights", help="ImageNet weights of the ResNet: a torchvision name (r50/r101 default "
+                   "ResNet50_Weights.IMAGENET1K_V1 / ResNet101_...), a state-dict URI, or none")
+    p.add_argument("--norm", choices=["frozen_bn", "bn", "sync_bn", "group_norm"],
+                   help="backbone norm (default: the preset's; without pretrained weights sync_bn or group_norm)")
     p.add_argument("--logger", choices=["tensorboard", "mlflow", "none"],
                    help="rank 0's metrics logger besides metrics.jsonl (default tensorboard: events under --output)")
     p.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)  # fault injection for tests

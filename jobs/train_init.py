@@ -83,12 +83,8 @@ def donor_model(init: str) -> retinanet.RetinaNet:
         raise UserError(f"{what}: {exc}") from None
 
 
-def model_setup(options: dict, categories: list[dict]) -> tuple[dict, str | None]:
-    """(model config as a dict, --backbone-weights to load or None), checked as a user would be told.
-
-    Runs on the driver; downloads or reads the weights once, so a missing file or no internet
-    fails here, before Ray starts.
-    """
+def training_overrides(options: dict, categories: list[dict]) -> dict:
+    """Model config fields the run sets whatever its starting weights: classes, losses, input size."""
     from jobs.train import LOSS_OPTIONS
 
     overrides = {"num_classes": len(categories), "cls_loss": options["cls_loss"]}
@@ -96,6 +92,16 @@ def model_setup(options: dict, categories: list[dict]) -> tuple[dict, str | None
     if options["image_size"]:
         overrides["min_size"] = options["image_size"]
         overrides["max_size"] = options["max_size"] or int(round(options["image_size"] * 1333 / 800))
+    return overrides
+
+
+def model_setup(options: dict, categories: list[dict]) -> tuple[dict, str | None]:
+    """(model config as a dict, --backbone-weights to load or None), checked as a user would be told.
+
+    Runs on the driver; downloads or reads the weights once, so a missing file or no internet
+    fails here, before Ray starts.
+    """
+    overrides = training_overrides(options, categories)
     if options["init"]:
         if options.get("norm") or options.get("backbone_weights"):
             raise UserError("--init brings its own backbone and norm; drop --backbone-weights/--norm")
