@@ -179,9 +179,10 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def plot(result: dict, png: str) -> None:
+def plot(result: dict, png: str, longer: dict | None = None) -> None:
     """AP by gamma for the focal rows (alpha-CE at gamma 0), the other rows as horizontal lines;
-    ours on the left (mean, error bar = half the range over seeds), the paper's on the right."""
+    ours on the left (mean, error bar = half the range over seeds), the paper's on the right.
+    `longer`: a second result (the same rows trained longer), drawn as squares / dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,6 +201,16 @@ def plot(result: dict, png: str) -> None:
             value = rows[i]["AP"]["mean"] * 100 if ours and i in rows else (rows[i]["paper_AP"] if i in rows else None)
             if value is not None:
                 ax.axhline(value, color=colour, linestyle="--", label=label)
+        if ours and longer:
+            steps = longer["settings"]["steps"]
+            extra = {r["row"]: r for r in longer["rows"]}
+            points = [(g, extra[i]["AP"]) for i, g in gammas.items() if i in extra]
+            ax.errorbar([g for g, _ in points], [a["mean"] * 100 for _, a in points],
+                        yerr=[a["spread"] * 100 for _, a in points], marker="s", linestyle=":", capsize=3,
+                        color="tab:green", label=f"focal loss, {steps} steps")
+            for i, (label, colour) in lines.items():
+                if i in extra:
+                    ax.axhline(extra[i]["AP"]["mean"] * 100, color=colour, linestyle=":", label=f"{label}, {steps} steps")
         ax.set_xlabel("gamma")
         ax.set_ylabel("AP (%)")
         ax.set_title("this project (tiny preset, CPU, synthetic small objects)" if ours
@@ -241,9 +252,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/ablation-cpu.json")
     parser.add_argument("--plot", default="bench/results/ablation.png", help="where the plot goes")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out, train nothing")
+    parser.add_argument("--longer", help="with --plot-only: a second results file (longer runs) to overlay")
     args = parser.parse_args()
     if args.plot_only:
-        plot(json.load(open(args.out)), args.plot)
+        plot(json.load(open(args.out)), args.plot, json.load(open(args.longer)) if args.longer else None)
         print(markdown_table(json.load(open(args.out))))
         return
     torch.set_num_threads(args.threads)
@@ -254,7 +266,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "device": f"CPU, torch.set_num_threads({args.threads}); machine shared with other sessions",
         "torch": torch.__version__, "python": platform.python_version(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "plot_only")} | {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "plot_only", "longer")} | {
             "preset": "tiny", "anchor_sizes": ANCHOR_SIZES, "image_size": args.tile * args.grid,
             "num_classes": NUM_CLASSES,
             "data": f"{args.grid}x{args.grid} mosaics of synth {args.tile}px images (train seed 1000, val seed 2000)"},
