@@ -1,6 +1,6 @@
 """Experiment: the focal-loss paper's Table 1 on this project's RetinaNet, side by side.
 
-    .venv/bin/python bench/ablation.py [--steps 300] [--seeds 0 1] [--threads 2] [--out bench/results/ablation-cpu.json]
+    .venv/bin/python bench/ablation.py [--steps 120] [--batch-size 4] [--seeds 0 1] [--rows 3 0 6] [--tile 64]
 
 Rows: alpha-balanced cross entropy (focal gamma 0, alpha .75), focal loss at gamma 0.5 / 1 / 2 / 5
 with the paper's best alpha for each (Table 1b), OHEM with and without the 1:3 ratio (Table 1d,
@@ -10,9 +10,11 @@ batch, learning-rate schedule and seeds, in this one process (no Ray: the loss i
 and is scored with the project's COCO evaluation on a held-out set. A run whose loss turns
 non-finite is recorded as diverged (AP 0), which is the paper's point about the prior.
 
-Data: 2 x 2 mosaics of `pipelines.formats.synth` images, so that each image holds many small
-objects (about 11 per 128 px image, 5 to 45 px) and, as on COCO, nearly every anchor is
-background; the share of negative anchors is measured with the training matcher and reported.
+Data: `pipelines.formats.synth` images of --tile px (default 64: 0-6 objects of 5-45 px), or
+--grid x --grid mosaics of them (more objects per image), with anchors from 8 px, so that as on
+COCO nearly every anchor is background; the share of negative anchors is measured with the
+training matcher and reported. On a loaded 2-core machine use --threads 1: with two, each
+thread waits on the other at every operator and a step took ~15x longer.
 """
 from __future__ import annotations
 
@@ -237,11 +239,11 @@ def load_average() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--num-train", type=int, default=800)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rows", type=int, nargs="*", help="row indices of ROWS to run, in this order (default all)")
@@ -280,6 +282,7 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             runs.append(train_and_score(cfg, train, val, args, seed))
+            runs[-1]["load_average"] = load_average().split("load average: ")[-1]
             print(f"{name} seed {seed}: AP {runs[-1]['AP']:.4f} AP50 {runs[-1]['AP50']:.4f} AP75 {runs[-1]['AP75']:.4f} "
                   f"({runs[-1]['train_seconds']} s{', diverged ' + runs[-1]['diverged'] if runs[-1]['diverged'] else ''}) "
                   f"| {load_average()}", flush=True)
