@@ -1,6 +1,6 @@
 """Experiment: the focal-loss paper's Table 1 on this project's RetinaNet, side by side.
 
-    .venv/bin/python bench/ablation.py [--steps 300] [--seeds 0 1] [--threads 2] [--out bench/results/ablation-cpu.json]
+    .venv/bin/python bench/ablation.py [--steps 120] [--batch-size 4] [--seeds 0 1] [--rows 3 0 6] [--tile 64]
 
 Rows: alpha-balanced cross entropy (focal gamma 0, alpha .75), focal loss at gamma 0.5 / 1 / 2 / 5
 with the paper's best alpha for each (Table 1b), OHEM with and without the 1:3 ratio (Table 1d,
@@ -10,9 +10,11 @@ batch, learning-rate schedule and seeds, in this one process (no Ray: the loss i
 and is scored with the project's COCO evaluation on a held-out set. A run whose loss turns
 non-finite is recorded as diverged (AP 0), which is the paper's point about the prior.
 
-Data: 2 x 2 mosaics of `pipelines.formats.synth` images, so that each image holds many small
-objects (about 11 per 128 px image, 5 to 45 px) and, as on COCO, nearly every anchor is
-background; the share of negative anchors is measured with the training matcher and reported.
+Data: `pipelines.formats.synth` images of --tile px (default 64: 0-6 objects of 5-45 px), or
+--grid x --grid mosaics of them (more objects per image), with anchors from 8 px, so that as on
+COCO nearly every anchor is background; the share of negative anchors is measured with the
+training matcher and reported. On a loaded 2-core machine use --threads 1: with two, each
+thread waits on the other at every operator and a step took ~15x longer.
 """
 from __future__ import annotations
 
@@ -179,9 +181,10 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def plot(result: dict, png: str) -> None:
+def plot(result: dict, png: str, longer: dict | None = None) -> None:
     """AP by gamma for the focal rows (alpha-CE at gamma 0), the other rows as horizontal lines;
-    ours on the left (mean, error bar = half the range over seeds), the paper's on the right."""
+    ours on the left (mean, error bar = half the range over seeds), the paper's on the right.
+    `longer`: a second result (the same rows trained longer), drawn as squares / dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,6 +203,16 @@ def plot(result: dict, png: str) -> None:
             value = rows[i]["AP"]["mean"] * 100 if ours and i in rows else (rows[i]["paper_AP"] if i in rows else None)
             if value is not None:
                 ax.axhline(value, color=colour, linestyle="--", label=label)
+        if ours and longer:
+            steps = longer["settings"]["steps"]
+            extra = {r["row"]: r for r in longer["rows"]}
+            points = [(g, extra[i]["AP"]) for i, g in gammas.items() if i in extra]
+            ax.errorbar([g for g, _ in points], [a["mean"] * 100 for _, a in points],
+                        yerr=[a["spread"] * 100 for _, a in points], marker="s", linestyle=":", capsize=3,
+                        color="tab:green", label=f"focal loss, {steps} steps")
+            for i, (label, colour) in lines.items():
+                if i in extra:
+                    ax.axhline(extra[i]["AP"]["mean"] * 100, color=colour, linestyle=":", label=f"{label}, {steps} steps")
         ax.set_xlabel("gamma")
         ax.set_ylabel("AP (%)")
         ax.set_title("this project (tiny preset, CPU, synthetic small objects)" if ours
@@ -226,11 +239,11 @@ def load_average() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--num-train", type=int, default=800)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rows", type=int, nargs="*", help="row indices of ROWS to run, in this order (default all)")
@@ -241,9 +254,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/ablation-cpu.json")
     parser.add_argument("--plot", default="bench/results/ablation.png", help="where the plot goes")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out, train nothing")
+    parser.add_argument("--longer", help="with --plot-only: a second results file (longer runs) to overlay")
     args = parser.parse_args()
     if args.plot_only:
-        plot(json.load(open(args.out)), args.plot)
+        plot(json.load(open(args.out)), args.plot, json.load(open(args.longer)) if args.longer else None)
         print(markdown_table(json.load(open(args.out))))
         return
     torch.set_num_threads(args.threads)
@@ -254,7 +268,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "device": f"CPU, torch.set_num_threads({args.threads}); machine shared with other sessions",
         "torch": torch.__version__, "python": platform.python_version(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "plot_only")} | {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "plot_only", "longer")} | {
             "preset": "tiny", "anchor_sizes": ANCHOR_SIZES, "image_size": args.tile * args.grid,
             "num_classes": NUM_CLASSES,
             "data": f"{args.grid}x{args.grid} mosaics of synth {args.tile}px images (train seed 1000, val seed 2000)"},
@@ -268,6 +282,7 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             runs.append(train_and_score(cfg, train, val, args, seed))
+            runs[-1]["load_average"] = load_average().split("load average: ")[-1]
             print(f"{name} seed {seed}: AP {runs[-1]['AP']:.4f} AP50 {runs[-1]['AP50']:.4f} AP75 {runs[-1]['AP75']:.4f} "
                   f"({runs[-1]['train_seconds']} s{', diverged ' + runs[-1]['diverged'] if runs[-1]['diverged'] else ''}) "
                   f"| {load_average()}", flush=True)
