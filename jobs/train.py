@@ -19,12 +19,14 @@ import sys
 from jobs.cli import run
 from pipelines import storage
 from pipelines.errors import UserError
+from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 
 DEFAULTS = dict(preset="tiny", num_workers=2, use_gpu=False, batch_size=8, epochs=None, max_steps=None, lr=None,
                 image_size=None, max_size=None, amp=None, init=None, checkpoint_every=100, keep=3, max_failures=0,
                 val_data=None, seed=0, log_every=20, warmup_steps=None, weight_decay=1e-4, cls_loss="focal",
                 num_cpus=None, name="retinanet", placement="PACK", scale_jitter=None, fail_at_step=None, debug_dir=None,
-                repeat_factor_threshold=None, backbone_weights=None, norm=None, logger="tensorboard")
+                repeat_factor_threshold=None, backbone_weights=None, norm=None, logger="tensorboard",
+                max_pixels=DEFAULT_MAX_PIXELS)
 # Loss knobs for the paper's ablations (bench/ablation.py); None keeps the preset's value.
 LOSS_OPTIONS = ("focal_gamma", "focal_alpha", "prior_prob", "ohem_batch", "ohem_nms", "ohem_ratio")
 DEFAULTS.update(dict.fromkeys(LOSS_OPTIONS))
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--cls-loss ohem: negatives per positive (3 = OHEM 1:3; default: none)")
     p.add_argument("--repeat-factor-threshold", type=float,
                    help="LVIS repeat-factor sampling for long-tailed data, t (e.g. 0.001); off by default")
+    p.add_argument("--max-pixels", type=int, help=f"pixel limit of one decode, as in jobs.prepare and jobs.infer "
+                   f"(default {DEFAULT_MAX_PIXELS}, fits the memory a decode declares); larger non-JPEG images are "
+                   f"skipped and counted as undecodable, larger JPEGs decode reduced")
     p.add_argument("--scale-jitter", type=float, nargs=2, metavar=("LO", "HI"), help="random image scale factor range")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default min(1000, steps / 10))")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay (default 1e-4)")
@@ -251,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     datasets = {}
     if options["val_data"]:
         datasets["val"], _ = detection_dataset(options["val_data"], image_size=model["min_size"],
-                                               max_size=model["max_size"], train=False)
+                                               max_size=model["max_size"], train=False,
+                                               max_pixels=options["max_pixels"])
     print(f"training {options['preset'] if not options['init'] else options['init']} on {manifest.num_images} images "
           f"({len(categories)} classes): {workers} workers x {batch} images, {max_steps} steps "
           f"({(epoch_sizes[0] // workers) // batch}/epoch), lr {cfg['lr']:.4g}; config {config_uri}", flush=True)

@@ -28,7 +28,7 @@ def epoch_shard(cfg: dict, epoch: int, exclude: np.ndarray, rank: int, world: in
         ds, _ = detection_dataset(cfg["data"], image_size=cfg["image_size"], max_size=cfg["model"]["max_size"],
                                   train=True, seed=cfg["seed"], epoch=epoch, scale_jitter=cfg["scale_jitter"],
                                   batch_size=cfg["batch_size"], repeat_factor_threshold=cfg["repeat_factor_threshold"],
-                                  exclude_keys=exclude)
+                                  exclude_keys=exclude, max_pixels=cfg["max_pixels"])
         splits = ds.streaming_split(world, equal=True)
     if _distributed():
         box = [splits]

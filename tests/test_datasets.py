@@ -188,3 +188,18 @@ def test_collate_uses_the_models_mean_and_std():
     expected = (np.array([200, 100, 50]) / 255 - 0.5) / np.array([0.5, 0.25, 1.0])
     np.testing.assert_allclose(own[0, :, 5, 5].numpy(), expected, rtol=1e-5)
     assert not np.allclose(default[0, :, 5, 5].numpy(), expected)
+
+
+def test_training_decode_honours_the_pixel_limit_and_the_flag_reaches_it():
+    """jobs.train shares --max-pixels with prepare and infer: a PNG above it is dropped, not decoded."""
+    import pyarrow as pa
+
+    from jobs import train
+    from pipelines.images.transforms import preprocess_batch
+
+    rows = pa.concat_tables([_shard_rows(64, 64, n=2), _shard_rows(16, 16, n=2)])
+    kept = preprocess_batch(rows, category_ids=[1], min_size=16, max_size=64, train=False, max_pixels=1000)
+    assert kept["orig_width"].tolist() == [16, 16], "the 64x64 PNGs (4096 px) are above a 1000-pixel limit"
+    assert len(preprocess_batch(rows, category_ids=[1], min_size=16, max_size=64, train=False)["pixels"]) == 4
+    assert train.resolve_options(["--data", "d", "--output", "o", "--max-pixels", "1000"])["max_pixels"] == 1000
+    assert train.resolve_options(["--data", "d", "--output", "o"])["max_pixels"] == train.DEFAULT_MAX_PIXELS

@@ -197,6 +197,7 @@ def preprocess_batch(
     execution: int = 0,
     scale_jitter: tuple[float, float] | None = None,
     flip_prob: float = 0.5,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict[str, np.ndarray]:
     """Shard rows (pyarrow table) -> training rows for `collate_detection_batch`.
 
@@ -207,7 +208,8 @@ def preprocess_batch(
     boundaries or scheduling, and each repeat-factor copy of an image (the optional ``copy``
     column, passed through) draws its own. Scale jitter multiplies the shorter side only; the
     longer side keeps `max_size` (detectron2's ResizeShortestEdge rule).
-    Rows whose bytes do not decode are dropped with a warning instead of stopping the run.
+    Rows whose bytes do not decode (or, other than JPEGs, exceed `max_pixels`) are dropped with a
+    warning instead of stopping the run.
     """
     sorted_ids = np.asarray(sorted(category_ids), np.int64)
     boxes, counts = _list_values(batch["boxes"], width=4)
@@ -233,7 +235,7 @@ def preprocess_batch(
         lo, hi = scale_jitter if (train and scale_jitter) else (1.0, 1.0)
         factor = float(rng.uniform(lo, hi)) if hi > lo else lo
         try:
-            pixels, (orig_h, orig_w) = load_resized(data, min_size * factor, max_size)
+            pixels, (orig_h, orig_w) = load_resized(data, min_size * factor, max_size, max_pixels)
         except ImageDecodeError as exc:
             log.warning("skipping image_id %s: %s", image_id, exc)
             continue

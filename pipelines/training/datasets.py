@@ -24,6 +24,7 @@ from pipelines.formats import shards
 from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES, Manifest, input_kind, read_manifest
+from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.images.transforms import IMAGENET_MEAN, IMAGENET_STD, collate_detection_batch, preprocess_batch
 from pipelines.training.sampling import repeat_rows, sample_keys
 
@@ -73,6 +74,7 @@ def detection_dataset(
     batch_size: int = 16,
     repeat_factor_threshold: float | None = None,
     exclude_keys: np.ndarray | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[ray.data.Dataset, Manifest]:
     """Rows for `collate_detection_batch` from shards or a COCO layout, plus the dataset's manifest.
 
@@ -85,7 +87,8 @@ def detection_dataset(
     sampling (`pipelines.training.sampling`); the copies are shuffled over the whole epoch like
     any image. `exclude_keys` (`sampling.sample_keys` of rows already trained) leaves those rows
     out and keeps the others in the epoch's order: how a resumed epoch continues exactly.
-    Rows carry ``copy`` so that a trainer can record its `sample_keys`.
+    Rows carry ``copy`` so that a trainer can record its `sample_keys`. `max_pixels` bounds each
+    decode (`pipelines.images.pixel_limit`); larger images are dropped and counted as undecodable.
     """
     kind = training_input_kind(uri)
     factors = None
@@ -116,7 +119,7 @@ def detection_dataset(
         preprocess_batch, batch_format="pyarrow", batch_size=batch_size,
         fn_kwargs={"category_ids": manifest.category_ids, "min_size": image_size, "max_size": max_size,
                    "train": train, "seed": seed, "epoch": epoch, "scale_jitter": scale_jitter,
-                   "flip_prob": flip_prob})
+                   "flip_prob": flip_prob, "max_pixels": max_pixels})
     if train:
         ds.context.execution_options.preserve_order = True  # the epoch's order, reproducibly
     return ds, manifest
