@@ -3,7 +3,9 @@
 # torchvision (pyarrow, pandas): no Ray, pycocotools or s3fs needed. R50-FPN at 800 px,
 # training step and inference, fp32 and AMP bf16, ours vs torchvision's RetinaNet with the same
 # settings and weights, and detections on the GPU equal to the CPU's within tolerance.
-# Writes bench/results/model-gpu.json (naming the device); stays under 8 minutes.
+# Then the training input (bench/gpu_input.py): R50-FPN bf16 fed by 12 decode processes through
+# the uint8 path of jobs.train, images/s and GPU busy fraction against batches resident on the GPU.
+# Writes bench/results/model-gpu.json and train-input-gpu.json (naming the device); under 9.5 minutes.
 #
 #   bash bench/gpu.sh             # on the GPU machine
 #   bash bench/gpu.sh --dry-run   # anywhere: every code path, tiny model, on the CPU if need be
@@ -19,5 +21,8 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
 PYEOF
-# 7 minutes, leaving one of the 8 for start-up and the copy back.
-timeout 420 "$PY" bench/gpu_model.py "$@"
+# 7 + 2 minutes, leaving the rest of 10 for start-up and the copy back.
+status=0
+timeout 420 "$PY" bench/gpu_model.py "$@" || status=$?
+timeout 120 "$PY" bench/gpu_input.py "$@" || status=$?
+exit $status

@@ -34,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from proctree import cpu_seconds, memory_bytes, process_tree  # noqa: E402
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -54,58 +56,10 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     return proc, endpoint
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (field 3 onwards); None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def process_tree(roots: list[int]) -> list[int]:
-    """`roots` and all their descendants (Ray's raylet and workers, DataLoader workers), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        fields = _stat_fields(int(entry)) if entry.isdigit() else None
-        if fields:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    out, stack = [], list(roots)
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(children.get(pid, []))
-    return out
-
-
-def cpu_seconds(roots: list[int]) -> dict[int, float]:
-    """user+system CPU seconds of each live process in the trees under `roots`, by pid."""
-    tick = os.sysconf("SC_CLK_TCK")
-    seen = {}
-    for pid in process_tree(roots):
-        fields = _stat_fields(pid)
-        if fields:
-            seen[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return seen
-
-
-def memory_bytes(pid: int, key: str) -> int:
-    """A "Key: N kB" line of /proc/PID/smaps_rollup (Pss, Rss); 0 if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def measured(fn, roots) -> tuple[float, float]:
     """Run `fn` (returns an image count): (images/s, CPU ms per image over the process trees).
 
-    CPU time per image hardly changes with other load on the machine, unlike images/s, so it
-    gives a fair comparison on a shared box: capacity on N idle cores ~ N / CPU s per image.
+    (CPU per image is the fair comparison on a shared box; see `proctree`.)
     """
     before, start = cpu_seconds(roots), time.perf_counter()
     count = fn()
@@ -183,7 +137,7 @@ class S3Images:
 
 
 def collate_rows(rows):
-    from pipelines.images.transforms import collate_detection_batch
+    from pipelines.images.collate import collate_detection_batch
 
     batch = {}
     for key in rows[0]:

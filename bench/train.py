@@ -24,20 +24,32 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 from model import torchvision_twin  # noqa: E402
+from proctree import CpuSampler, cpu_seconds  # noqa: E402
 
 import retinanet  # noqa: E402
 from jobs import prepare, train  # noqa: E402
 from pipelines.formats.synth import write_synth  # noqa: E402
-from pipelines.images.transforms import collate_detection_batch, preprocess_batch  # noqa: E402
+from pipelines.images.collate import collate_detection_batch  # noqa: E402
+from pipelines.images.transforms import preprocess_batch  # noqa: E402
 
 
-def run_job(shards: str, out: str, args) -> float:
-    log_every = max(1, args.steps // 4)
-    assert train.main(["--data", shards, "--output", out, "--num-workers", "1", "--batch-size", str(args.batch),
-                       "--max-steps", str(args.steps), "--image-size", str(args.size), "--log-every", str(log_every),
-                       "--checkpoint-every", str(10 * args.steps)]) == 0
+def run_job(shards: str, out: str, args) -> tuple[float, dict[str, float]]:
+    """(images/s after the warm-up steps, CPU ms per image by process role over those steps)."""
+    with CpuSampler([os.getpid()]) as sampler:
+        started = time.time()
+        assert train.main(["--data", shards, "--output", out, "--num-workers", str(args.workers),
+                           "--batch-size", str(args.batch),
+                           "--max-steps", str(args.steps), "--image-size", str(args.size),
+                           "--log-every", str(args.warmup), "--checkpoint-every", str(10 * args.steps)]) == 0
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
-    return float(np.mean([r["images_per_s"] for r in rows[1:]]))  # skip the first window (start-up)
+    first, last = rows[0], rows[-1]  # the first line is the warm-up window (start-up)
+    images = (last["step"] - first["step"]) * args.batch * args.workers
+    cpu = sampler.by_role(first["time"], last["time"])
+    whole = sampler.by_role(started, time.time())
+    print("\njobs.train CPU seconds by process, whole run (start-up, all steps, shutdown):")
+    for name, seconds in whole.items():
+        print(f"  {name:50s} {seconds:7.2f}")
+    return images / (last["time"] - first["time"]), {k: 1000 * v / images for k, v in cpu.items()}
 
 
 def in_memory_batches(shards: str, args) -> list[dict]:
@@ -54,23 +66,64 @@ def in_memory_batches(shards: str, args) -> list[dict]:
             for i in range(4)], manifest.num_classes
 
 
-def run_in_memory(batches, num_classes, args) -> float:
+def ddp_run(fn, world: int, *args) -> tuple[float, float]:
+    """Run `fn(rank, world, *args)` in `world` spawned processes joined by a gloo process group
+    (DDP, as Ray Train sets it up), each with cores / world torch threads, as jobs.train gives
+    its workers. Each rank returns (images, seconds, CPU seconds of its process tree) for its
+    steps after the warm-up: (images/s of all ranks, CPU ms per image) comes back."""
+    import torch.multiprocessing as mp
+    from pipelines.ray_runtime import free_port
+
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_rank_main, args=(world, free_port(), fn, args, results), nprocs=world, join=True)
+    images = sum(r[0] for r in results.values())
+    return images / max(r[1] for r in results.values()), 1000 * sum(r[2] for r in results.values()) / images
+
+
+def _rank_main(rank: int, world: int, port: int, fn, args, results) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results[rank] = fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp(model):
+    return torch.nn.parallel.DistributedDataParallel(model) if torch.distributed.get_world_size() > 1 else model
+
+
+class _Measure:
+    """Wall and CPU time (this process and its children) from the first step after the warm-up."""
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds([os.getpid()])
+
+    def result(self, images: int) -> tuple[int, float, float]:
+        cpu = cpu_seconds([os.getpid()])
+        return images, time.perf_counter() - self.wall, sum(t - self.cpu.get(pid, 0.0) for pid, t in cpu.items())
+
+
+def in_memory_rank(rank: int, world: int, batches, num_classes: int, args):
     torch.manual_seed(0)
     model = retinanet.build("tiny", num_classes=num_classes, min_size=args.size,
                             max_size=int(round(args.size * 1333 / 800))).train()
+    ddp_model = _ddp(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
-    start = None
+    measure = _Measure()
     for step in range(args.steps):
         if step == args.warmup:
-            start = time.perf_counter()
-        batch = batches[step % len(batches)]
-        losses = model(batch["images"], batch["image_sizes"],
-                       {k: batch[k] for k in ("boxes", "labels", "num_boxes")})
+            measure.start()
+        batch = batches[(step * world + rank) % len(batches)]
+        losses = ddp_model(batch["images"], batch["image_sizes"],
+                           {k: batch[k] for k in ("boxes", "labels", "num_boxes")})
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-    return (args.steps - args.warmup) * args.batch / (time.perf_counter() - start)
+    return measure.result((args.steps - args.warmup) * args.batch)
 
 
 class CocoImages(torch.utils.data.Dataset):
@@ -101,36 +154,45 @@ class CocoImages(torch.utils.data.Dataset):
         return image, {"boxes": boxes, "labels": labels}
 
 
-def run_torchvision(root: str, num_classes: int, args) -> float:
+def torchvision_rank(rank: int, world: int, root: str, num_classes: int, args):
     torch.manual_seed(0)
     ours = retinanet.build("tiny", num_classes=num_classes, min_size=args.size, max_size=int(round(args.size * 1333 / 800)))
     model = torchvision_twin(ours).train()
-    loader = torch.utils.data.DataLoader(CocoImages(root, num_classes), batch_size=args.batch, shuffle=True,
-                                         num_workers=1, collate_fn=lambda b: tuple(zip(*b)), drop_last=True,
-                                         persistent_workers=True)
+    ddp_model = _ddp(model)
+    dataset = CocoImages(root, num_classes)
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=1,
+                                         collate_fn=_tuples, drop_last=True, persistent_workers=True)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
-    step, start = 0, None
+    step, epoch, measure = 0, 0, _Measure()
     while step < args.steps:
+        sampler.set_epoch(epoch)
         for images, targets in loader:
             if step == args.warmup:
-                start = time.perf_counter()
-            losses = model(list(images), list(targets))
+                measure.start()
+            losses = ddp_model(list(images), list(targets))
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
             step += 1
             if step >= args.steps:
                 break
-    return (args.steps - args.warmup) * args.batch / (time.perf_counter() - start)
+        epoch += 1
+    return measure.result((args.steps - args.warmup) * args.batch)
+
+
+def _tuples(batch):
+    return tuple(zip(*batch))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=320)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--images", type=int, default=960)
+    parser.add_argument("--steps", type=int, default=100, help="a multiple of --warmup")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8, help="images per worker per step")
+    parser.add_argument("--workers", type=int, default=1, help="DDP workers, in jobs.train and in both baselines")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--save", help="also write the figures as JSON here (e.g. bench/results/train-cpu.json)")
     args = parser.parse_args()
@@ -140,27 +202,33 @@ def main() -> None:
     write_synth(root, num_images=args.images, image_size=args.size, num_classes=3, seed=0, progress=lambda line: None)
     assert prepare.main(["--images", os.path.join(root, "images"), "--annotations",
                          os.path.join(root, "annotations.json"), "--output", shards]) == 0
-    job = run_job(shards, os.path.join(work, "run"), args)
+    job, job_cpu = run_job(shards, os.path.join(work, "run"), args)
     import ray
 
     ray.shutdown()  # the job's local Ray instance must not compete with the two baselines
     batches, num_classes = in_memory_batches(shards, args)
-    memory = run_in_memory(batches, num_classes, args)
-    tv = run_torchvision(root, num_classes, args)
-    print(f"\ncores {os.cpu_count()}, torch threads {torch.get_num_threads()}, batch {args.batch}, {args.size} px, "
-          f"{args.steps} steps ({args.warmup} warm-up)")
-    print(f"{'jobs.train (Ray Data -> Ray Train, 1 worker)':52s} {job:7.2f} images/s")
-    print(f"{'same model on in-memory batches':52s} {memory:7.2f} images/s   efficiency {job / memory:.2f}")
-    print(f"{'torchvision RetinaNet + DataLoader (references style)':52s} {tv:7.2f} images/s   "
-          f"jobs.train / torchvision {job / tv:.2f}x")
+    memory, memory_cpu = ddp_run(in_memory_rank, args.workers, batches, num_classes, args)
+    tv, tv_cpu = ddp_run(torchvision_rank, args.workers, root, num_classes, args)
     load_after = os.getloadavg()
+    print(f"\ncores {os.cpu_count()}, {args.workers} workers (DDP) x {max(1, os.cpu_count() // args.workers)} torch "
+          f"threads, batch {args.batch} per worker, {args.size} px, "
+          f"{args.steps} steps ({args.warmup} warm-up)")
+    print(f"{'':52s} {'images/s':>9} {'CPU ms/image':>13}")
+    print(f"{f'jobs.train (Ray Data -> Ray Train, {args.workers} workers)':52s} {job:9.2f} {sum(job_cpu.values()):13.1f}")
+    print(f"{'same model on in-memory batches':52s} {memory:9.2f} {memory_cpu:13.1f}   efficiency {job / memory:.2f}")
+    print(f"{'torchvision RetinaNet + DataLoader (references style)':52s} {tv:9.2f} {tv_cpu:13.1f}   "
+          f"jobs.train / torchvision {job / tv:.2f}x")
+    print("\njobs.train CPU ms per image by process (steps after the warm-up):")
+    for name, ms in job_cpu.items():
+        print(f"  {name:50s} {ms:7.2f}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after} on {os.cpu_count()} cores")
     if args.save:
         figures = {"jobs_train_images_per_s": job, "in_memory_images_per_s": memory, "torchvision_images_per_s": tv,
-                   "pipeline_efficiency": job / memory, "vs_torchvision": job / tv, "cores": os.cpu_count(),
-                   "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
-                   "load_average_after": load_after, **{k: getattr(args, k) for k in ("images", "steps", "warmup",
-                                                                                      "batch", "size")}}
+                   "pipeline_efficiency": job / memory, "vs_torchvision": job / tv,
+                   "cpu_ms_per_image": {"jobs_train": job_cpu, "in_memory": memory_cpu, "torchvision": tv_cpu},
+                   "cores": os.cpu_count(), "load_average_before": load_before,
+                   "load_average_after": load_after,
+                   **{k: getattr(args, k) for k in ("images", "steps", "warmup", "batch", "size", "workers")}}
         with open(args.save, "w") as f:
             json.dump(figures, f, indent=1)
 

@@ -29,6 +29,9 @@ def epoch_shard(cfg: dict, epoch: int, exclude: np.ndarray, rank: int, world: in
                                   train=True, seed=cfg["seed"], epoch=epoch, scale_jitter=cfg["scale_jitter"],
                                   batch_size=cfg["batch_size"], repeat_factor_threshold=cfg["repeat_factor_threshold"],
                                   exclude_keys=exclude, max_pixels=cfg["max_pixels"])
+        # The step lines are the run's progress. Ray Data's bars would be redrawn by the split
+        # coordinator into the driver's log, through the log monitor, several times a second.
+        ds.context.enable_progress_bars = False
         splits = ds.streaming_split(world, equal=True)
     if _distributed():
         box = [splits]

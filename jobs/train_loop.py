@@ -26,7 +26,8 @@ from jobs.train_init import initial_model
 from jobs.train_records import RunRecords
 from jobs.train_validation import validate
 from pipelines import storage
-from pipelines.training.datasets import DetectionCollate
+from pipelines.images.collate import normalize_images
+from pipelines.training.datasets import PixelCollate
 from pipelines.training.sampling import MAX_COPIES
 
 STATE_FILE = "train_state.pt"
@@ -96,14 +97,16 @@ def train_loop(cfg: dict) -> None:
     records = RunRecords(cfg["output"], cfg["logger"], cfg["name"]) if rank == 0 else None
     if records and resumed is not None:
         records.append({"event": "resumed", "step": resumed, "epoch": epoch, "epoch_images_done": len(done)})
-    collate = DetectionCollate(cfg["model"]["size_divisible"], cfg["model"]["image_mean"], cfg["model"]["image_std"])
+    collate = PixelCollate(cfg["model"]["size_divisible"])  # uint8 batches: normalized below, on the device
+    mean, std = cfg["model"]["image_mean"], cfg["model"]["image_std"]
     debug = DebugRecord(cfg, rank) if cfg.get("debug_dir") else None
     window = Window()
     while step < total:
         trained, rows_read, epoch_steps, skipped, exhausted = [], 0, 0, 0, True
         shard = epoch_shard(cfg, epoch, done, rank, world)
         window.fetch_started()
-        for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate, prefetch_batches=2):
+        for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate, prefetch_batches=2,
+                                              pin_memory=cfg["use_gpu"]):
             # Ranks hold equal rows, so they step in lockstep and leave this loop at the same batch.
             rows_read += len(batch["image_id"])
             if len(batch["image_id"]) < cfg["batch_size"]:
@@ -112,9 +115,8 @@ def train_loop(cfg: dict) -> None:
                 exhausted = False
                 break
             window.fetched()
-            images = batch["images"].to(device, non_blocking=True)
-            if cfg["use_gpu"]:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = normalize_images(batch["pixels"].to(device, non_blocking=True), batch["image_sizes"], mean, std,
+                                      channels_last=cfg["use_gpu"])
             targets = {k: batch[k].to(device) for k in ("boxes", "labels", "num_boxes", "image_id")}
             losses = forward_losses(ddp_model, images, batch["image_sizes"], targets, amp_dtype, step)
             optimizer.zero_grad(set_to_none=True)
@@ -140,7 +142,8 @@ def train_loop(cfg: dict) -> None:
                 window.add(len(images) * world, {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
             checkpoint_now = step % cfg["checkpoint_every"] == 0 or step == total
             if step % cfg["log_every"] == 0 or checkpoint_now:
-                metrics = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **window.summary()}
+                metrics = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **window.summary(),
+                           "time": round(time.time(), 3)}
                 if skipped:
                     metrics["skipped_steps"] = skipped
                 saved = None
@@ -200,7 +203,7 @@ def _log(records, metrics: dict, flush_step: int | None) -> None:
     if flush_step is not None:
         records.flush(flush_step, "b" if metrics.get("event") == "epoch_end" else "a")
     # straight to the stream: Ray Train's patched print() would show the line twice
-    sys.stdout.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()) + "\n")
+    sys.stdout.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "time") + "\n")
     sys.stdout.flush()
 
 

@@ -52,7 +52,7 @@ class RunRecords:
     def append(self, record: dict) -> None:
         self.lines.append(json.dumps(record))
         step = record.get("step")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch", "time")}
         if step is None or not scalars:
             return
         if self.logger == "tensorboard":

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from pipelines.formats import shards
+from pipelines.images.collate import collate_detection_batch, collate_pixels, normalize_images
 from pipelines.images.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, collate_detection_batch, decode_image, hflip,
+    IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, decode_image, hflip,
     load_resized, preprocess_batch, preprocess_images_batch, probe_image, resize_boxes, resize_image,
     resized_shape)
 
@@ -205,6 +206,27 @@ def test_collate_pads_normalizes_and_packs_targets():
     assert out["labels"].tolist() == [[0, 2, 1], [-1, -1, -1]]
     assert out["num_boxes"].tolist() == [3, 0] and out["image_id"].tolist() == [10, 11]
     assert out["scale"].dtype == torch.float32 and out["labels"].dtype == torch.int64
+
+
+def test_uint8_pixels_normalized_on_the_device_equal_the_float_collate():
+    """The training path (uint8 batch, normalized by the trainer) gives the float collate's images:
+    same values, padding exactly 0, channels-last or contiguous as asked."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((100, 130), (60, 40), (128, 128))]
+    rows = make_rows(images, [[[1, 2, 3, 4]], [], [[0, 0, 5, 5]]], [[1], [], [0]])
+    floats = collate_detection_batch(rows, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    pixels = collate_pixels(rows)
+    assert pixels["pixels"].dtype == torch.uint8 and pixels["pixels"].shape == (3, 128, 256, 3)
+    assert "images" not in pixels and "pixels" not in floats
+    for name in ("image_sizes", "boxes", "labels", "num_boxes", "image_id", "copy", "scale", "original_sizes"):
+        assert torch.equal(pixels[name], floats[name]), name
+    for channels_last in (False, True):
+        out = normalize_images(pixels["pixels"], pixels["image_sizes"], (0.5, 0.4, 0.3), (0.2, 0.3, 0.4), channels_last)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(out, floats["images"], rtol=0, atol=1e-6)
+        assert out[1, :, 60:].abs().sum() == 0 and out[1, :, :, 40:].abs().sum() == 0
+    expected = (images[0][5, 7] / 255 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.3, 0.4])
+    np.testing.assert_allclose(floats["images"][0, :, 5, 7].numpy(), expected, rtol=1e-5)
 
 
 def test_collate_without_any_boxes_and_other_divisor():

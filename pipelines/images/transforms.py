@@ -3,30 +3,27 @@
 No Ray here on purpose: the same functions run inside Ray Data `map_batches`, in a torch
 `DataLoader` baseline and on a GPU box without Ray. Images travel between stages as raw uint8
 pixels in a binary column plus height/width, never as variable-shape tensor columns (fragile in
-Ray 2.60), and `collate_detection_batch` turns a batch of such rows into padded tensors for the
-batched matcher.
+Ray 2.60).
 
 Rows produced by `preprocess_batch` (the columns `collate_detection_batch` reads):
 ``image_id`` int64, ``pixels`` binary (uint8 HxWx3 RGB, resized and maybe flipped),
 ``height``/``width`` int32 after resize, ``orig_height``/``orig_width`` int32, ``scale``
 float32 (resized / original), ``boxes`` binary (float32 [n, 4] xyxy in resized pixels),
 ``labels`` binary (int64 [n], contiguous class index), ``num_boxes`` int32.
+Batches of such rows become tensors in `pipelines.images.collate`.
 """
 from __future__ import annotations
 
 import io
 import logging
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.images import pixel_limit
 from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -295,73 +292,3 @@ def _object_array(values: list) -> np.ndarray:
     arr = np.empty(len(values), dtype=object)
     arr[:] = values
     return arr
-
-
-# ----------------------------------------------------------------------------------- collate
-def _int_column(batch: dict, name: str, default: int) -> np.ndarray:
-    values = np.asarray(batch[name])
-    if values.dtype == object:  # nulls (custom images have no image_id) as None ...
-        values = np.asarray([default if v is None else v for v in values])
-    elif values.dtype.kind == "f":  # ... or as NaN, depending on how the batch was made
-        values = np.where(np.isnan(values), default, values)
-    return np.asarray(values, np.int64)
-
-
-def collate_detection_batch(batch: dict[str, np.ndarray], size_divisible: int = 128,
-                            mean: Sequence[float] = IMAGENET_MEAN,
-                            std: Sequence[float] = IMAGENET_STD) -> dict[str, torch.Tensor]:
-    """Training rows -> padded tensors, for `iter_torch_batches(collate_fn=...)`.
-
-    Images are normalized with the model's mean/std (0..1 scale; ImageNet's by default) and zero-padded at the
-    bottom/right to a multiple of `size_divisible`, so every FPN level divides evenly. Targets
-    are padded to the largest box count M in the batch (boxes with 0, labels with -1) and
-    `num_boxes` says how many are real: the batched matcher needs no Python loop. Batches
-    without `boxes`/`labels` (inference) get M = 0; a null `image_id` becomes -1.
-    """
-    import torch  # here, not at the top: jobs.prepare/jobs.synth use this module without torch
-
-    heights = np.asarray(batch["height"], np.int64)
-    widths = np.asarray(batch["width"], np.int64)
-    n = len(heights)
-    pad_h = int(-(-max(int(heights.max(initial=0)), 1) // size_divisible) * size_divisible)
-    pad_w = int(-(-max(int(widths.max(initial=0)), 1) // size_divisible) * size_divisible)
-    # Normalize each image straight into its slot of a zeroed batch: two passes over the
-    # pixels (to float, then x * 1/(255 std) - mean/std) and the padding stays exactly 0.
-    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    scale, bias = 1.0 / (255.0 * std), -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std
-    images = torch.zeros(n, 3, pad_h, pad_w)
-    with warnings.catch_warnings():  # the pixels are only read, never written through
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for i, data in enumerate(batch["pixels"]):  # one copy per image: sizes differ
-            h, w = heights[i], widths[i]
-            if h and w:
-                pixels = torch.from_numpy(np.frombuffer(data, np.uint8).reshape(h, w, 3)).permute(2, 0, 1)
-                torch.addcmul(bias, pixels.float(), scale, out=images[i, :, :h, :w])
-
-    if "boxes" in batch:
-        counts = np.asarray(batch["num_boxes"], np.int64)
-        flat_boxes = np.frombuffer(b"".join(batch["boxes"]), np.float32).reshape(-1, 4)
-        flat_labels = np.frombuffer(b"".join(batch["labels"]), np.int64)
-    else:
-        counts = np.zeros(n, np.int64)
-        flat_boxes, flat_labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
-    m = int(counts.max(initial=0))
-    rows = np.repeat(np.arange(n), counts)
-    cols = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-    boxes = np.zeros((n, m, 4), np.float32)
-    labels = np.full((n, m), -1, np.int64)
-    boxes[rows, cols] = flat_boxes
-    labels[rows, cols] = flat_labels
-
-    return {
-        "images": images,
-        "image_sizes": torch.from_numpy(np.stack([heights, widths], axis=1)),
-        "boxes": torch.from_numpy(boxes),
-        "labels": torch.from_numpy(labels),
-        "num_boxes": torch.tensor(counts, dtype=torch.int64),  # copies: Ray's arrays are read-only
-        "image_id": torch.tensor(_int_column(batch, "image_id", -1), dtype=torch.int64),
-        "copy": torch.tensor(_int_column(batch, "copy", 0) if "copy" in batch else np.zeros(n, np.int64)),
-        "scale": torch.tensor(np.asarray(batch["scale"], np.float32), dtype=torch.float32),
-        "original_sizes": torch.from_numpy(np.stack(
-            [np.asarray(batch["orig_height"], np.int64), np.asarray(batch["orig_width"], np.int64)], axis=1)),
-    }
