@@ -26,7 +26,7 @@ DEFAULTS = dict(preset="tiny", num_workers=2, use_gpu=False, batch_size=8, epoch
                 val_data=None, seed=0, log_every=20, warmup_steps=None, weight_decay=1e-4, cls_loss="focal",
                 num_cpus=None, name="retinanet", placement="PACK", scale_jitter=None, fail_at_step=None, debug_dir=None,
                 repeat_factor_threshold=None, backbone_weights=None, norm=None, logger="tensorboard",
-                max_pixels=DEFAULT_MAX_PIXELS)
+                max_pixels=DEFAULT_MAX_PIXELS, cpus_per_worker=None)
 # Loss knobs for the paper's ablations (bench/ablation.py); None keeps the preset's value.
 LOSS_OPTIONS = ("focal_gamma", "focal_alpha", "prior_prob", "ohem_batch", "ohem_nms", "ohem_ratio")
 DEFAULTS.update(dict.fromkeys(LOSS_OPTIONS))
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
                    help="worker placement over nodes (default PACK; SPREAD puts workers on different nodes)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray instance (default: max(4, cores))")
+    p.add_argument("--cpus-per-worker", type=_number(int, 0),
+                   help="logical CPUs each training worker reserves, so that decode tasks never take the cores that "
+                   "run its step (default 1; with --use-gpu 2: the loop, collate and host-to-device copies; Ray's own "
+                   "default for a GPU worker is 0). On CPU it is also the worker's torch threads when given")
     # Initial weights and run records (issue 13)
     p.add_argument("--backbone-weights", help="ImageNet weights of the ResNet: a torchvision name (r50/r101 default "
                    "ResNet50_Weights.IMAGENET1K_V1 / ResNet101_...), a state-dict URI, or none")
@@ -218,6 +222,16 @@ def plan_epochs(options: dict, num_images: int) -> tuple[list[int], int]:
     return sizes.tolist(), max(1, total)
 
 
+def worker_resources(options: dict) -> dict[str, float]:
+    """What each Ray Train worker reserves besides its GPU (which `use_gpu` adds): the CPUs of
+    --cpus-per-worker. Ray Data's decode tasks take only the CPUs nobody reserved, so on a GPU
+    node they use the cores left over and never the ones that feed the GPU."""
+    cpus = options["cpus_per_worker"]
+    if cpus is None:
+        cpus = 2 if options["use_gpu"] else 1
+    return {"CPU": cpus}
+
+
 def main(argv: list[str] | None = None) -> int:
     options = resolve_options(argv)
     from jobs.train_init import model_setup
@@ -240,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": model["min_size"], "max_steps": max_steps, "epoch_sizes": epoch_sizes,
         "lr": options["lr"] or 0.01 * workers * batch / 16,
         "warmup_steps": options["warmup_steps"] if options["warmup_steps"] is not None else min(1000, max_steps // 10),
-        "threads_per_worker": max(1, (os.cpu_count() or 1) // workers), "output": output.uri(),
+        "threads_per_worker": options["cpus_per_worker"] or max(1, (os.cpu_count() or 1) // workers),
+        "output": output.uri(),
     }
     config_uri = save_config(output.uri(), cfg)
 
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         train_loop, train_loop_config=cfg, datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=options["use_gpu"],
-                                     resources_per_worker=None if options["use_gpu"] else {"CPU": 1},
+                                     resources_per_worker=worker_resources(options),
                                      placement_strategy=options["placement"]),
         run_config=RunConfig(name=options["name"], storage_path=arrow_path, storage_filesystem=arrow_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=options["keep"]),

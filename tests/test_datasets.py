@@ -203,3 +203,18 @@ def test_training_decode_honours_the_pixel_limit_and_the_flag_reaches_it():
     assert len(preprocess_batch(rows, category_ids=[1], min_size=16, max_size=64, train=False)["pixels"]) == 4
     assert train.resolve_options(["--data", "d", "--output", "o", "--max-pixels", "1000"])["max_pixels"] == 1000
     assert train.resolve_options(["--data", "d", "--output", "o"])["max_pixels"] == train.DEFAULT_MAX_PIXELS
+
+
+def test_training_workers_reserve_the_cpus_of_their_step():
+    """Decode tasks take only unreserved CPUs: a GPU worker keeps 2 by default (Ray's default is 0)."""
+    from jobs import train
+
+    def resources(*flags):
+        return train.worker_resources(train.resolve_options(["--data", "d", "--output", "o", *flags]))
+
+    assert resources() == {"CPU": 1}
+    assert resources("--use-gpu") == {"CPU": 2}
+    assert resources("--use-gpu", "--cpus-per-worker", "6") == {"CPU": 6}
+    assert resources("--use-gpu", "--cpus-per-worker", "0") == {"CPU": 0}
+    with pytest.raises(SystemExit):
+        resources("--cpus-per-worker", "-1")
