@@ -4,18 +4,21 @@
     .venv/bin/python bench/ingest.py --coco ../shared/data/coco128   # real photos instead of shapes
 
 Figures, side by side (the issue's targets in brackets):
-1. images/s of shards on S3 -> decode -> resize -> flip -> collated batches, through
-   `pipelines.training.datasets.detection_dataset` on `--cpus` Ray CPUs, against a torch `DataLoader`
-   with `--cpus` workers that GETs each image from the same S3 (one object per request) and
-   decodes it with PIL, then resizes/flips/collates with the same functions [>= 1.5x].
+1. images/s of shards on S3 -> decode -> resize -> flip -> uint8 batches ready for the device
+   (`collate_pixels`; normalizing is the trainer's, on its device), through
+   `pipelines.training.datasets.detection_dataset` on `--cpus` Ray CPUs and read the way
+   jobs.train reads it (each next epoch started as the previous one starts), against a torch
+   `DataLoader` with `--cpus` workers that GETs each image from the same S3 (one object per
+   request) and decodes it with PIL, then resizes/flips/collates with the same functions [>= 1.5x].
 2. the same figure against what the `tiny` preset consumes in training here (images/s of
    forward+backward+SGD steps at its own input size, all cores) [>= 3x].
 3. peak memory of `jobs.prepare` at 1k vs 10k synthetic images: the driver's peak RSS and the
    peak summed PSS of its whole process tree (driver + Ray) [ratio <= 1.2].
 
-S3 is a moto server in its own process, so it does not share a GIL with either pipeline. The
-two pipelines run interleaved epochs and the best epoch after the first counts, so that other
-load on a shared machine disturbs both alike (the load average is printed with the figures).
+S3 is a moto server in its own process, so it does not share a GIL with either pipeline. Each
+pipeline runs `--epochs` epochs back to back per round, the first not counted; rounds alternate
+the pipelines and the best counts, so that other load on a shared machine disturbs both alike
+(the load average is printed with the figures).
 """
 from __future__ import annotations
 
@@ -57,14 +60,17 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def measured(fn, roots) -> tuple[float, float]:
-    """Run `fn` (returns an image count): (images/s, CPU ms per image over the process trees).
+    """Run `fn(mark)` (returns the images counted after it called `mark()`): (images/s, CPU ms per
+    image over the process trees), both from `mark()` on. (CPU per image is the fair comparison
+    on a shared box; see `proctree`.)"""
+    state = {}
 
-    (CPU per image is the fair comparison on a shared box; see `proctree`.)
-    """
-    before, start = cpu_seconds(roots), time.perf_counter()
-    count = fn()
-    wall, after = time.perf_counter() - start, cpu_seconds(roots)
-    cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+    def mark():
+        state["cpu"], state["start"] = cpu_seconds(roots), time.perf_counter()
+
+    count = fn(mark)
+    wall, after = time.perf_counter() - state["start"], cpu_seconds(roots)
+    cpu = sum(t - state["cpu"].get(pid, 0.0) for pid, t in after.items())
     return count / wall, 1000 * cpu / count
 
 
@@ -87,16 +93,26 @@ def make_dataset(args, bucket: str) -> str:
     return src
 
 
-def ray_epoch(shards_uri: str, epoch: int, args) -> int:
-    """One epoch through detection_dataset -> iter_torch_batches(DetectionCollate); returns images."""
-    from pipelines.training.datasets import DetectionCollate, detection_dataset
+def ray_stream(shards_uri: str, epochs: int, args, mark) -> int:
+    """`epochs` epochs back to back as jobs/train_loop.py reads them: detection_dataset (a new
+    per-image shuffle each epoch) -> iter_torch_batches(PixelCollate), uint8 batches ready for the
+    device, each next epoch started as the previous one starts (`StartedEpoch`). Counts the
+    images after the first epoch."""
+    from jobs.train_data import StartedEpoch
+    from pipelines.training.datasets import PixelCollate, detection_dataset
 
-    count = 0
-    ds, _ = detection_dataset(shards_uri, image_size=args.resize, max_size=args.max_size, train=True,
-                              epoch=epoch, batch_size=args.batch_size)
-    for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=DetectionCollate(),
-                                       prefetch_batches=2):  # as jobs/train_loop.py does
-        count += len(batch["image_id"])
+    def start(epoch: int) -> StartedEpoch:
+        ds, _ = detection_dataset(shards_uri, image_size=args.resize, max_size=args.max_size, train=True,
+                                  epoch=epoch, batch_size=args.batch_size)
+        return StartedEpoch(ds.iterator(), batch_size=args.batch_size, collate_fn=PixelCollate(), prefetch_batches=2)
+
+    count, upcoming = 0, start(0)
+    for epoch in range(epochs):
+        current, upcoming = upcoming, start(epoch + 1) if epoch + 1 < epochs else None
+        if epoch == 1:
+            mark()
+        for batch in current:
+            count += len(batch["image_id"]) if epoch else 0
     return count
 
 
@@ -137,13 +153,13 @@ class S3Images:
 
 
 def collate_rows(rows):
-    from pipelines.images.collate import collate_detection_batch
+    from pipelines.images.collate import collate_pixels
 
     batch = {}
     for key in rows[0]:
         values = [r[key] for r in rows]
         batch[key] = np.array(values, dtype=object) if isinstance(values[0], bytes) else np.array(values)
-    return collate_detection_batch(batch)
+    return collate_pixels(batch)  # uint8 batches ready for the device, as the Ray side ends
 
 
 def make_loader(bucket: str, src: str, args):
@@ -159,8 +175,15 @@ def make_loader(bucket: str, src: str, args):
                                        multiprocessing_context="spawn")
 
 
-def loader_epoch(loader) -> int:
-    return sum(len(batch["image_id"]) for batch in loader)
+def loader_stream(loader, epochs: int, mark) -> int:
+    """`epochs` epochs back to back; counts the images after the first."""
+    count = 0
+    for epoch in range(epochs):
+        if epoch == 1:
+            mark()
+        images = sum(len(batch["image_id"]) for batch in loader)
+        count += images if epoch else 0
+    return count
 
 
 def tiny_training_rate(steps: int = 8, batch_size: int = 8) -> tuple[float, float, int]:
@@ -228,7 +251,9 @@ def main() -> None:
     p.add_argument("--max-size", type=int, default=853, help="longer side cap (paper ratio 1333/800)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs and DataLoader workers")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per pipeline: the first is cold, then best of the rest")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per round and pipeline, back to back; the first "
+                   "is not counted (start-up)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, alternating the pipelines; the best counts")
     p.add_argument("--memory-sizes", type=int, nargs="*", default=[1000, 10000])
     p.add_argument("--memory-shard-sizes", type=int, nargs="*", default=[1000, 250],
                    help="--images-per-shard values for the memory runs (1000 = the default)")
@@ -251,9 +276,9 @@ def main() -> None:
         loader = make_loader(bucket, src, args)
         roots = [os.getpid(), moto.pid]  # Ray's and the DataLoader's workers are descendants
         runs = {"ray": [], "loader": []}
-        for epoch in range(args.epochs):  # interleaved, so a busy moment hits both pipelines
-            runs["ray"].append(measured(lambda: ray_epoch(f"s3://{bucket}/shards", epoch, args), roots))
-            runs["loader"].append(measured(lambda: loader_epoch(loader), roots))
+        for _ in range(args.rounds):  # interleaved, so a busy moment hits both pipelines
+            runs["ray"].append(measured(lambda mark: ray_stream(f"s3://{bucket}/shards", args.epochs, args, mark), roots))
+            runs["loader"].append(measured(lambda mark: loader_stream(loader, args.epochs, mark), roots))
         del loader
         ray.shutdown()
     finally:
@@ -273,16 +298,16 @@ def report(args, manifest, runs, train, memory) -> None:
         f"synthetic {args.image_size}px x {manifest.num_images}"
     print(f"\ningest: {data}, shards on moto S3, resize {args.resize}/{args.max_size}, batch {args.batch_size}, "
           f"{args.cpus} CPUs ({os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the end)")
-    print(f"{'pipeline':<40}{'epoch 1':>9}{'best img/s':>11}{'CPU ms/img':>11}{'img/s on idle cores':>21}   epochs img/s")
+    print(f"{'pipeline':<40}{'best img/s':>11}{'CPU ms/img':>11}{'img/s on idle cores':>21}   rounds img/s")
     steady = {}
     for name, label in (("ray", "Ray Data shards (detection_dataset)"), ("loader", "DataLoader, 1 GET/image + PIL")):
         rates = [r for r, _ in runs[name]]
-        cpu_ms = float(np.median([c for _, c in runs[name][1:] or runs[name]]))
-        steady[name] = (max(rates[1:] or rates), cpu_ms)
-        print(f"{label:<40}{rates[0]:>9.1f}{steady[name][0]:>11.1f}{cpu_ms:>11.1f}"
+        cpu_ms = float(np.median([c for _, c in runs[name]]))
+        steady[name] = (max(rates), cpu_ms)
+        print(f"{label:<40}{steady[name][0]:>11.1f}{cpu_ms:>11.1f}"
               f"{1000 * os.cpu_count() / cpu_ms:>21.1f}   " + " ".join(f"{r:.1f}" for r in rates))
     train_rate, train_cpu_ms, train_size = train
-    print(f"{'tiny preset training (' + str(train_size) + ' px)':<40}{'':>9}{train_rate:>11.1f}{train_cpu_ms:>11.1f}"
+    print(f"{'tiny preset training (' + str(train_size) + ' px)':<40}{train_rate:>11.1f}{train_cpu_ms:>11.1f}"
           f"{1000 * os.cpu_count() / train_cpu_ms:>21.1f}")
     (ray_rate, ray_cpu), (loader_rate, loader_cpu) = steady["ray"], steady["loader"]
     print(f"Ray vs DataLoader: {ray_rate / loader_rate:.2f}x measured, {loader_cpu / ray_cpu:.2f}x by CPU per image "

@@ -9,6 +9,9 @@ their iterators through the process group, so nothing depends on Ray Train's dat
 """
 from __future__ import annotations
 
+import threading
+from typing import Iterator
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -38,6 +41,40 @@ def epoch_shard(cfg: dict, epoch: int, exclude: np.ndarray, rank: int, world: in
         dist.broadcast_object_list(box, src=0)
         splits = box[0]
     return splits[rank]
+
+
+class StartedEpoch:
+    """An epoch's batch iterator whose first batch is requested at once, in a thread.
+
+    An epoch's dataset ends in a seeded all-to-all shuffle that reads every shard before it
+    yields its first row. Made when the previous epoch ends, every worker would wait for that at
+    each epoch start (measured on 2 workers here: a fifth of a 20-step window). Started as the
+    previous epoch starts, it is ready when that one ends. The price: the shuffled (encoded)
+    images of two epochs in the object store instead of one.
+    """
+
+    _END = object()
+
+    def __init__(self, shard, **iter_args):
+        self._batches = iter(shard.iter_torch_batches(**iter_args))
+        self._first, self._error = self._END, None
+        self._thread = threading.Thread(target=self._fetch_first, name="next-epoch-input", daemon=True)
+        self._thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first = next(self._batches, self._END)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the training thread
+            self._error = exc
+
+    def __iter__(self) -> Iterator[dict]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is not self._END:
+            first, self._first = self._first, self._END
+            yield first
+            yield from self._batches
 
 
 def batch_keys(batch: dict) -> np.ndarray:

@@ -21,7 +21,7 @@ import ray.train.torch
 import torch
 
 import retinanet
-from jobs.train_data import batch_keys, epoch_shard, gather_keys, sum_over_ranks
+from jobs.train_data import StartedEpoch, batch_keys, epoch_shard, gather_keys, sum_over_ranks
 from jobs.train_init import initial_model
 from jobs.train_records import RunRecords
 from jobs.train_validation import validate
@@ -101,12 +101,16 @@ def train_loop(cfg: dict) -> None:
     mean, std = cfg["model"]["image_mean"], cfg["model"]["image_std"]
     debug = DebugRecord(cfg, rank) if cfg.get("debug_dir") else None
     window = Window()
+    iter_args = dict(batch_size=cfg["batch_size"], collate_fn=collate, prefetch_batches=2, pin_memory=cfg["use_gpu"])
+    upcoming = StartedEpoch(epoch_shard(cfg, epoch, done, rank, world), **iter_args) if step < total else None
     while step < total:
         trained, rows_read, epoch_steps, skipped, exhausted = [], 0, 0, 0, True
-        shard = epoch_shard(cfg, epoch, done, rank, world)
+        current, upcoming = upcoming, None
+        left = planned_steps(cfg, epoch, world) - len(done) // (world * cfg["batch_size"])
+        if step + left < total:  # the same decision on every rank, so that the collectives match
+            upcoming = StartedEpoch(epoch_shard(cfg, epoch + 1, np.zeros(0, np.int64), rank, world), **iter_args)
         window.fetch_started()
-        for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=collate, prefetch_batches=2,
-                                              pin_memory=cfg["use_gpu"]):
+        for batch in current:
             # Ranks hold equal rows, so they step in lockstep and leave this loop at the same batch.
             rows_read += len(batch["image_id"])
             if len(batch["image_id"]) < cfg["batch_size"]:
@@ -173,10 +177,18 @@ def train_loop(cfg: dict) -> None:
         _log(records, summary, step)
         _report({k: v for k, v in summary.items() if k != "event"}, rank, None)
         epoch, done = epoch + 1, np.zeros(0, np.int64)
+        if upcoming is None and step < total:  # the plan did not foresee this epoch (images were missing)
+            upcoming = StartedEpoch(epoch_shard(cfg, epoch, done, rank, world), **iter_args)
     if records:
         records.close(step)
     if debug:
         debug.finish(model, ray.get_runtime_context().get_node_id(), resumed, optimizer_checksum)
+
+
+def planned_steps(cfg: dict, epoch: int, world: int) -> int:
+    """Steps epoch `epoch` holds by the plan (`jobs.train.plan_epochs`): (images // ranks) // batch."""
+    sizes = cfg["epoch_sizes"]
+    return (int(sizes[min(epoch, len(sizes) - 1)]) // world) // cfg["batch_size"]
 
 
 def forward_losses(ddp_model, images, image_sizes, targets, amp_dtype, step: int) -> dict | None:
