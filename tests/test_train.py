@@ -206,12 +206,6 @@ def test_missing_data_fails_before_ray_starts(tmp_path):
     assert not (tmp_path / "out").exists(), "nothing was started or written"
 
 
-def _fail_on_row_5(batch):
-    if 5 in batch["id"]:
-        raise ValueError("boom at row 5")
-    return batch
-
-
 def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_local):
     """StartedEpoch asks for its first batch at once, in a thread (the next epoch's shuffle runs
     while the current epoch trains); iterating it later gives every row once, in order, and a
@@ -220,11 +214,16 @@ def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_loc
 
     from jobs.train_data import StartedEpoch
 
+    def fail_on_row_5(batch):  # defined here: Ray's workers cannot import the test module
+        if 5 in batch["id"]:
+            raise ValueError("boom at row 5")
+        return batch
+
     started = StartedEpoch(ray.data.range(10).iterator(), batch_size=4)
     started._thread.join(timeout=120)
     assert not started._thread.is_alive() and started._first is not StartedEpoch._END, "fetched before iterating"
     assert [b["id"].tolist() for b in started] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert list(StartedEpoch(ray.data.range(10).filter(lambda row: False).iterator(), batch_size=4)) == []
-    failing = StartedEpoch(ray.data.range(8, override_num_blocks=2).map_batches(_fail_on_row_5).iterator(), batch_size=4)
+    failing = StartedEpoch(ray.data.range(8, override_num_blocks=2).map_batches(fail_on_row_5).iterator(), batch_size=4)
     with pytest.raises(Exception, match="boom at row 5"):
         list(failing)
