@@ -97,7 +97,8 @@ def ray_stream(shards_uri: str, epochs: int, args, mark) -> int:
     """`epochs` epochs back to back as jobs/train_loop.py reads them: detection_dataset (a new
     per-image shuffle each epoch) -> iter_torch_batches(PixelCollate), uint8 batches ready for the
     device, each next epoch started as the previous one starts (`StartedEpoch`). Counts the
-    images after the first epoch."""
+    images after the first epoch; the epoch after the last is started and then stopped, so the
+    counted epochs do the work of one head start in, as they do out (steady state)."""
     from jobs.train_data import StartedEpoch
     from pipelines.training.datasets import PixelCollate, detection_dataset
 
@@ -108,11 +109,12 @@ def ray_stream(shards_uri: str, epochs: int, args, mark) -> int:
 
     count, upcoming = 0, start(0)
     for epoch in range(epochs):
-        current, upcoming = upcoming, start(epoch + 1) if epoch + 1 < epochs else None
+        current, upcoming = upcoming, start(epoch + 1)  # the last one too, as in a longer run
         if epoch == 1:
             mark()
         for batch in current:
             count += len(batch["image_id"]) if epoch else 0
+    upcoming.close()  # so that the counted epochs pay for the next one's head start, as in steady state
     return count
 
 

@@ -67,6 +67,12 @@ class StartedEpoch:
         except BaseException as exc:  # noqa: BLE001 - raised again in the training thread
             self._error = exc
 
+    def close(self) -> None:
+        """Stop the epoch's execution (a run that ends before this epoch needs it)."""
+        self._thread.join()
+        self._first = self._END
+        self._batches.close()
+
     def __iter__(self) -> Iterator[dict]:
         self._thread.join()
         if self._error is not None:

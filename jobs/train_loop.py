@@ -164,6 +164,8 @@ def train_loop(cfg: dict) -> None:
                 window.reset()
             window.fetch_started()
         if not exhausted:
+            if upcoming is not None:
+                upcoming.close()
             break  # the run ended inside this epoch
         read, trained_rows = sum_over_ranks(rows_read, epoch_steps * cfg["batch_size"])
         if not trained_rows and not len(done):

@@ -208,8 +208,8 @@ def test_missing_data_fails_before_ray_starts(tmp_path):
 
 def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_local):
     """StartedEpoch asks for its first batch at once, in a thread (the next epoch's shuffle runs
-    while the current epoch trains); iterating it later gives every row once, in order, and a
-    failure in the data surfaces in the training thread."""
+    while the current epoch trains); iterating it later gives every row once, a failure in the
+    data surfaces in the training thread, and `close` stops an epoch a run no longer needs."""
     import ray
 
     from jobs.train_data import StartedEpoch
@@ -222,8 +222,12 @@ def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_loc
     started = StartedEpoch(ray.data.range(10).iterator(), batch_size=4)
     started._thread.join(timeout=120)
     assert not started._thread.is_alive() and started._first is not StartedEpoch._END, "fetched before iterating"
-    assert [b["id"].tolist() for b in started] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    batches = [b["id"].tolist() for b in started]
+    assert sorted(sum(batches, [])) == list(range(10)) and [len(b) for b in batches] == [4, 4, 2]
     assert list(StartedEpoch(ray.data.range(10).filter(lambda row: False).iterator(), batch_size=4)) == []
     failing = StartedEpoch(ray.data.range(8, override_num_blocks=2).map_batches(fail_on_row_5).iterator(), batch_size=4)
     with pytest.raises(Exception, match="boom at row 5"):
         list(failing)
+    ahead = StartedEpoch(ray.data.range(1000, override_num_blocks=50).iterator(), batch_size=10)
+    ahead.close()  # a run that ends before the epoch it started: the execution stops
+    assert list(ahead) == []
