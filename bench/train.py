@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per worker per step")
     parser.add_argument("--workers", type=int, default=1, help="DDP workers, in jobs.train and in both baselines")
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three runs, one after the other")
     parser.add_argument("--save", help="also write the figures as JSON here (e.g. bench/results/train-cpu.json)")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -202,32 +203,42 @@ def main() -> None:
     write_synth(root, num_images=args.images, image_size=args.size, num_classes=3, seed=0, progress=lambda line: None)
     assert prepare.main(["--images", os.path.join(root, "images"), "--annotations",
                          os.path.join(root, "annotations.json"), "--output", shards]) == 0
-    job, job_cpu = run_job(shards, os.path.join(work, "run"), args)
-    import ray
-
-    ray.shutdown()  # the job's local Ray instance must not compete with the two baselines
     batches, num_classes = in_memory_batches(shards, args)
-    memory, memory_cpu = ddp_run(in_memory_rank, args.workers, batches, num_classes, args)
-    tv, tv_cpu = ddp_run(torchvision_rank, args.workers, root, num_classes, args)
+    rounds = []
+    for r in range(args.rounds):  # A-B-C, A-B-C: the machine's speed drifts, so ratios come per round
+        job, job_cpu = run_job(shards, os.path.join(work, f"run-{r}"), args)
+        import ray
+
+        ray.shutdown()  # the job's local Ray instance must not compete with the two baselines
+        memory, memory_cpu = ddp_run(in_memory_rank, args.workers, batches, num_classes, args)
+        tv, tv_cpu = ddp_run(torchvision_rank, args.workers, root, num_classes, args)
+        rounds.append({"jobs_train_images_per_s": job, "in_memory_images_per_s": memory, "torchvision_images_per_s": tv,
+                       "pipeline_efficiency": job / memory, "vs_torchvision": job / tv,
+                       "cpu_ms_per_image": {"jobs_train": job_cpu, "in_memory": memory_cpu, "torchvision": tv_cpu}})
     load_after = os.getloadavg()
     print(f"\ncores {os.cpu_count()}, {args.workers} workers (DDP) x {max(1, os.cpu_count() // args.workers)} torch "
           f"threads, batch {args.batch} per worker, {args.size} px, "
-          f"{args.steps} steps ({args.warmup} warm-up)")
+          f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} rounds")
     print(f"{'':52s} {'images/s':>9} {'CPU ms/image':>13}")
-    print(f"{f'jobs.train (Ray Data -> Ray Train, {args.workers} workers)':52s} {job:9.2f} {sum(job_cpu.values()):13.1f}")
-    print(f"{'same model on in-memory batches':52s} {memory:9.2f} {memory_cpu:13.1f}   efficiency {job / memory:.2f}")
-    print(f"{'torchvision RetinaNet + DataLoader (references style)':52s} {tv:9.2f} {tv_cpu:13.1f}   "
-          f"jobs.train / torchvision {job / tv:.2f}x")
-    print("\njobs.train CPU ms per image by process (steps after the warm-up):")
-    for name, ms in job_cpu.items():
+    for r, f in enumerate(rounds):
+        cpu = f["cpu_ms_per_image"]
+        print(f"round {r + 1}")
+        print(f"{f'jobs.train (Ray Data -> Ray Train, {args.workers} workers)':52s} {f['jobs_train_images_per_s']:9.2f} "
+              f"{sum(cpu['jobs_train'].values()):13.1f}")
+        print(f"{'same model on in-memory batches':52s} {f['in_memory_images_per_s']:9.2f} {cpu['in_memory']:13.1f}"
+              f"   efficiency {f['pipeline_efficiency']:.2f}")
+        print(f"{'torchvision RetinaNet + DataLoader (references style)':52s} {f['torchvision_images_per_s']:9.2f} "
+              f"{cpu['torchvision']:13.1f}   jobs.train / torchvision {f['vs_torchvision']:.2f}x")
+    efficiency = float(np.mean([f["pipeline_efficiency"] for f in rounds]))
+    vs_tv = float(np.mean([f["vs_torchvision"] for f in rounds]))
+    print(f"mean over rounds: efficiency {efficiency:.2f}, jobs.train / torchvision {vs_tv:.2f}x")
+    print("\njobs.train CPU ms per image by process (steps after the warm-up, last round):")
+    for name, ms in rounds[-1]["cpu_ms_per_image"]["jobs_train"].items():
         print(f"  {name:50s} {ms:7.2f}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after} on {os.cpu_count()} cores")
     if args.save:
-        figures = {"jobs_train_images_per_s": job, "in_memory_images_per_s": memory, "torchvision_images_per_s": tv,
-                   "pipeline_efficiency": job / memory, "vs_torchvision": job / tv,
-                   "cpu_ms_per_image": {"jobs_train": job_cpu, "in_memory": memory_cpu, "torchvision": tv_cpu},
-                   "cores": os.cpu_count(), "load_average_before": load_before,
-                   "load_average_after": load_after,
+        figures = {"pipeline_efficiency_mean": efficiency, "vs_torchvision_mean": vs_tv, "rounds": rounds,
+                   "cores": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_after,
                    **{k: getattr(args, k) for k in ("images", "steps", "warmup", "batch", "size", "workers")}}
         with open(args.save, "w") as f:
             json.dump(figures, f, indent=1)
