@@ -52,7 +52,7 @@ def run_job(shards: str, out: str, args) -> tuple[float, dict[str, float]]:
     return images / (last["time"] - first["time"]), {k: 1000 * v / images for k, v in cpu.items()}
 
 
-def in_memory_batches(shards: str, args) -> list[dict]:
+def in_memory_batches(shards: str, args) -> tuple[list[dict], int]:
     """Collated batches exactly as the job's pipeline produces them, decoded beforehand."""
     import pyarrow.parquet as pq
 
