@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipelines.formats import shards
-from pipelines.images.collate import collate_detection_batch, collate_pixels, normalize_images
+from pipelines.images.collate import arrow_columns, collate_detection_batch, collate_pixels, normalize_images
 from pipelines.images.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, decode_image, hflip,
     load_resized, preprocess_batch, preprocess_images_batch, probe_image, resize_boxes, resize_image,
@@ -225,6 +225,13 @@ def test_uint8_pixels_normalized_on_the_device_equal_the_float_collate():
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         torch.testing.assert_close(out, floats["images"], rtol=0, atol=1e-6)
         assert out[1, :, 60:].abs().sum() == 0 and out[1, :, :, 40:].abs().sum() == 0
+    # the same batch as Arrow (what Ray hands PixelCollate), sliced and in two chunks: same tensors
+    table = pa.concat_tables([pa.table({k: list(v[:2]) for k, v in rows.items()}),
+                              pa.table({k: list(v[1:]) for k, v in rows.items()}).slice(1)])
+    assert table["pixels"].num_chunks == 2 and table["pixels"].type == pa.binary()
+    from_arrow = collate_pixels(arrow_columns(table))
+    for name, value in pixels.items():
+        assert torch.equal(from_arrow[name], value), name
     expected = (images[0][5, 7] / 255 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.3, 0.4])
     np.testing.assert_allclose(floats["images"][0, :, 5, 7].numpy(), expected, rtol=1e-5)
 

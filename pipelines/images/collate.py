@@ -42,8 +42,35 @@ def padded_size(heights: np.ndarray, widths: np.ndarray, size_divisible: int) ->
     return int(pad_h), int(pad_w)
 
 
-def collate_pixels(batch: dict[str, np.ndarray], size_divisible: int = 128) -> dict[str, torch.Tensor]:
-    """Rows -> ``pixels`` uint8 [n, H, W, 3] (zero-padded at the bottom/right to a multiple of
+def arrow_columns(table) -> dict:
+    """A pyarrow Table of preprocessed rows as `collate_pixels` reads them, without copying the
+    pixels: binary columns become per-row uint8 views into Arrow's own buffers (which Ray maps
+    from its object store), the other columns numpy arrays. Saves one full copy of every batch's
+    decoded pixels (~50 MB per batch of 16 at 800 px) in the process that feeds the GPU."""
+    import pyarrow as pa
+
+    out = {}
+    for name in table.column_names:
+        column = table[name]
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            out[name] = [view for chunk in column.chunks for view in _binary_views(chunk)]
+        else:
+            out[name] = column.to_numpy()
+    return out
+
+
+def _binary_views(chunk) -> list[np.ndarray]:
+    import pyarrow as pa
+
+    _, offsets, data = chunk.buffers()
+    width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+    bounds = np.frombuffer(offsets, width)[chunk.offset:chunk.offset + len(chunk) + 1]
+    values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return [values[bounds[i]:bounds[i + 1]] for i in range(len(chunk))]
+
+
+def collate_pixels(batch: dict, size_divisible: int = 128) -> dict[str, torch.Tensor]:
+    """Rows (numpy columns, or `arrow_columns` of a Table) -> ``pixels`` uint8 [n, H, W, 3] (zero-padded at the bottom/right to a multiple of
     `size_divisible`), ``image_sizes`` [n, 2], padded ``boxes``/``labels``, ``num_boxes``,
     ``image_id``, ``copy``, ``scale``, ``original_sizes``. No torch computation (see module doc)."""
     import torch

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.collate_fn import ArrowBatchCollateFn, NumpyBatchCollateFn
 
 from pipelines.formats import coco
 from pipelines.formats import shards
@@ -25,7 +25,7 @@ from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES, Manifest, input_kind, read_manifest
 from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
-from pipelines.images.collate import collate_detection_batch, collate_pixels
+from pipelines.images.collate import arrow_columns, collate_detection_batch, collate_pixels
 from pipelines.images.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
 from pipelines.training.sampling import repeat_rows, sample_keys
 
@@ -47,15 +47,16 @@ class DetectionCollate(NumpyBatchCollateFn):
         return collate_detection_batch(batch, self.size_divisible, self.mean, self.std)
 
 
-class PixelCollate(NumpyBatchCollateFn):
+class PixelCollate(ArrowBatchCollateFn):
     """`collate_pixels`: uint8 channels-last batches, normalized later by the trainer on its
-    device (`pipelines.images.collate.normalize_images`); what the training loop iterates with."""
+    device (`pipelines.images.collate.normalize_images`); what the training loop iterates with.
+    It takes the batch as Arrow, so the pixels are copied once, into the padded batch."""
 
     def __init__(self, size_divisible: int = 128):
         self.size_divisible = size_divisible
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return collate_pixels(batch, self.size_divisible)
+    def __call__(self, batch: pa.Table) -> dict:
+        return collate_pixels(arrow_columns(batch), self.size_divisible)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
