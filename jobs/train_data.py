@@ -9,7 +9,9 @@ their iterators through the process group, so nothing depends on Ray Train's dat
 """
 from __future__ import annotations
 
+import math
 import threading
+import time
 from typing import Iterator
 
 import numpy as np
@@ -48,22 +50,27 @@ class StartedEpoch:
 
     An epoch's dataset ends in a seeded all-to-all shuffle that reads every shard before it
     yields its first row. Made when the previous epoch ends, every worker would wait for that at
-    each epoch start (measured on 2 workers here: a fifth of a 20-step window). Started as the
-    previous epoch starts, it is ready when that one ends. The price: the shuffled (encoded)
-    images of two epochs in the object store instead of one.
+    each epoch start (measured on 2 workers here: a fifth of a 20-step window). Started a little
+    before the previous epoch ends (`next_epoch_start_step`), it is ready when that one ends.
+    Not earlier: once its first blocks wait unread, Ray Data 2.60's scheduling loop for it
+    spins without sleeping (no task left to wait on) and takes a whole core until the epoch is
+    read (measured: 0.6-1.0 core for the whole previous epoch when it was started with it).
+    `ready_seconds` is how long the first batch took (None until it came).
     """
 
     _END = object()
 
     def __init__(self, shard, **iter_args):
         self._batches = iter(shard.iter_torch_batches(**iter_args))
-        self._first, self._error = self._END, None
+        self._first, self._error, self.ready_seconds = self._END, None, None
+        self._created = time.perf_counter()
         self._thread = threading.Thread(target=self._fetch_first, name="next-epoch-input", daemon=True)
         self._thread.start()
 
     def _fetch_first(self) -> None:
         try:
             self._first = next(self._batches, self._END)
+            self.ready_seconds = time.perf_counter() - self._created
         except BaseException as exc:  # noqa: BLE001 - raised again in the training thread
             self._error = exc
 
@@ -106,3 +113,21 @@ def sum_over_ranks(*counts: int) -> list[int]:
             values = values.cuda()
         dist.all_reduce(values)
     return [int(v) for v in values.cpu()]
+
+
+def next_epoch_start_step(steps_left: int, ready_seconds: float, step_seconds: float) -> int:
+    """The step of this epoch (counted from its start) at which to start the next epoch's input:
+    early enough that its first batch (which took `ready_seconds` last time) is ready when this
+    epoch's `steps_left` steps of `step_seconds` are done, with half again as much to spare."""
+    lead = math.ceil(1.5 * ready_seconds / max(step_seconds, 1e-6)) + 2
+    return max(0, steps_left - lead)
+
+
+def max_over_ranks(*values: float) -> list[float]:
+    """Element-wise maxima of small float values over all ranks (called by all ranks)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if _distributed():
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [float(v) for v in tensor.cpu()]

@@ -21,7 +21,8 @@ import ray.train.torch
 import torch
 
 import retinanet
-from jobs.train_data import StartedEpoch, batch_keys, epoch_shard, gather_keys, sum_over_ranks
+from jobs.train_data import (StartedEpoch, batch_keys, epoch_shard, gather_keys, max_over_ranks,
+                             next_epoch_start_step, sum_over_ranks)
 from jobs.train_init import initial_model
 from jobs.train_records import RunRecords
 from jobs.train_validation import validate
@@ -31,6 +32,7 @@ from pipelines.training.datasets import PixelCollate
 from pipelines.training.sampling import MAX_COPIES
 
 STATE_FILE = "train_state.pt"
+TIMING_STEPS = 4  # steps of each epoch timed to decide when to start the next epoch's input
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_factor: float = 0.001) -> float:
@@ -107,7 +109,10 @@ def train_loop(cfg: dict) -> None:
         trained, rows_read, epoch_steps, skipped, exhausted = [], 0, 0, 0, True
         current, upcoming = upcoming, None
         left = planned_steps(cfg, epoch, world) - len(done) // (world * cfg["batch_size"])
-        if step + left < total:  # the same decision on every rank, so that the collectives match
+        # When to start the next epoch's input: decided at the same step on every rank, from the
+        # ranks' slowest figures, so that the collectives inside `epoch_shard` match.
+        next_needed, start_next_at = step + left < total, 0 if left <= TIMING_STEPS + 1 else None
+        if next_needed and start_next_at == 0:
             upcoming = StartedEpoch(epoch_shard(cfg, epoch + 1, np.zeros(0, np.int64), rank, world), **iter_args)
         window.fetch_started()
         for batch in current:
@@ -135,6 +140,15 @@ def train_loop(cfg: dict) -> None:
             scheduler.step()
             step += 1
             epoch_steps += 1
+            if epoch_steps == 1:
+                first_step_end = time.perf_counter()
+            if next_needed and upcoming is None:
+                if epoch_steps == TIMING_STEPS + 1:
+                    ready, step_seconds = max_over_ranks(current.ready_seconds or 0.0,
+                                                         (time.perf_counter() - first_step_end) / TIMING_STEPS)
+                    start_next_at = max(epoch_steps, next_epoch_start_step(left, ready, step_seconds))
+                if epoch_steps == start_next_at:
+                    upcoming = StartedEpoch(epoch_shard(cfg, epoch + 1, np.zeros(0, np.int64), rank, world), **iter_args)
             keys = batch_keys(batch)
             trained.append(keys)
             if debug:

@@ -231,3 +231,14 @@ def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_loc
     ahead = StartedEpoch(ray.data.range(1000, override_num_blocks=50).iterator(), batch_size=10)
     ahead.close()  # a run that ends before the epoch it started: the execution stops
     assert list(ahead) == []
+
+
+def test_next_epoch_input_starts_early_enough_and_no_earlier():
+    """The next epoch starts `1.5 x ready time` (in steps) plus 2 steps before this one ends:
+    earlier, its finished first blocks would wait unread while Ray Data's loop spins."""
+    from jobs.train_data import next_epoch_start_step
+
+    assert next_epoch_start_step(100, ready_seconds=4.0, step_seconds=0.5) == 100 - 12 - 2
+    assert next_epoch_start_step(100, ready_seconds=0.0, step_seconds=0.5) == 98
+    assert next_epoch_start_step(10, ready_seconds=60.0, step_seconds=0.5) == 0  # slow start: at once
+    assert next_epoch_start_step(10, ready_seconds=1.0, step_seconds=0.0) == 0
