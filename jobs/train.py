@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     options = resolve_options(argv)
     from jobs.train_init import model_setup
     from jobs.train_records import check_logger, join_metrics, save_config
+    from pipelines.formats.shards import check_shards
     from pipelines.training.datasets import training_input_kind, training_manifest
 
     # Everything a user can get wrong is checked here, before Ray starts.
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         training_input_kind(data)
     check_logger(options["logger"])
     manifest = training_manifest(options["data"])
+    if training_input_kind(options["data"]) == "shards":
+        check_shards(options["data"], manifest)
     categories = manifest.categories
     model, backbone_weights = model_setup(options, categories)
     epoch_sizes, max_steps = plan_epochs(options, manifest.num_images)

@@ -206,6 +206,26 @@ def test_missing_data_fails_before_ray_starts(tmp_path):
     assert not (tmp_path / "out").exists(), "nothing was started or written"
 
 
+def test_missing_shard_fails_before_ray_starts(tmp_path):
+    """A shard the manifest lists but the folder lacks is named at once, with exit code 2."""
+    import subprocess
+    import sys
+
+    from pipelines.formats.shards import Manifest
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    shards = [{"file": f"shard-{i:05d}.parquet", "num_images": 8, "num_bytes": 1} for i in range(2)]
+    (data / shards[0]["file"]).write_bytes(b"present")
+    (data / "manifest.json").write_bytes(Manifest(categories=[{"id": 1, "name": "cell"}], num_images=16,
+                                                  shards=shards).to_json())
+    r = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(data), "--output", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items()
+                                                                         if not k.startswith("RAY_")})
+    assert r.returncode == 2 and "1 of the 2 shards" in r.stderr and "shard-00001.parquet" in r.stderr, r.stderr
+    assert "shard-00000.parquet" not in r.stderr and not (tmp_path / "out").exists()
+
+
 def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_local):
     """StartedEpoch asks for its first batch at once, in a thread (the next epoch's shuffle runs
     while the current epoch trains); iterating it later gives every row once, a failure in the

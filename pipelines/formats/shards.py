@@ -102,6 +102,18 @@ def shard_uris(uri: str, manifest: Manifest) -> list[str]:
     return [folder.join(s["file"]).uri() for s in manifest.shards]
 
 
+def check_shards(uri: str, manifest: Manifest) -> None:
+    """A UserError naming the shards `manifest` lists that the folder lacks (one listing), so
+    that a job says so before it starts Ray instead of failing inside a read task."""
+    folder = uri[: -len(MANIFEST)] if uri.rstrip("/").endswith(MANIFEST) else uri
+    present = storage.file_sizes(folder)
+    missing = [s["file"] for s in manifest.shards if s["file"] not in present]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise UserError(f"{folder}: {len(missing)} of the {len(manifest.shards)} shards in {MANIFEST} are missing "
+                        f"({shown}); restore them or rerun jobs.prepare")
+
+
 def plan_shards(sizes: list[int], images_per_shard: int, max_bytes: int) -> list[tuple[int, int]]:
     """Split images (in order) into [start, stop) ranges of at most N images or ~max_bytes."""
     ranges, start, total = [], 0, 0
