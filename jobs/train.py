@@ -240,11 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.training.datasets import training_input_kind, training_manifest
 
     # Everything a user can get wrong is checked here, before Ray starts.
-    for data in filter(None, (options["data"], options["val_data"])):
-        training_input_kind(data)
+    kinds = {data: training_input_kind(data) for data in filter(None, (options["data"], options["val_data"]))}
     check_logger(options["logger"])
     manifest = training_manifest(options["data"])
-    if training_input_kind(options["data"]) == "shards":
+    if kinds[options["data"]] == "shards":
         check_shards(options["data"], manifest)
     categories = manifest.categories
     model, backbone_weights = model_setup(options, categories)

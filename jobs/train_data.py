@@ -105,14 +105,23 @@ def gather_keys(local: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(everyone)
 
 
-def sum_over_ranks(*counts: int) -> list[int]:
-    """Element-wise sums of small counters over all ranks (called by all ranks)."""
-    values = torch.tensor(counts, dtype=torch.int64)
+def _reduce_over_ranks(values, dtype: torch.dtype, op) -> list:
+    tensor = torch.tensor(values, dtype=dtype)
     if _distributed():
         if dist.get_backend() == "nccl":
-            values = values.cuda()
-        dist.all_reduce(values)
-    return [int(v) for v in values.cpu()]
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=op)
+    return tensor.cpu().tolist()
+
+
+def sum_over_ranks(*counts: int) -> list[int]:
+    """Element-wise sums of small counters over all ranks (called by all ranks)."""
+    return _reduce_over_ranks(counts, torch.int64, dist.ReduceOp.SUM)
+
+
+def max_over_ranks(*values: float) -> list[float]:
+    """Element-wise maxima of small float values over all ranks (called by all ranks)."""
+    return _reduce_over_ranks(values, torch.float64, dist.ReduceOp.MAX)
 
 
 def next_epoch_start_step(steps_left: int, ready_seconds: float, step_seconds: float) -> int:
@@ -122,12 +131,3 @@ def next_epoch_start_step(steps_left: int, ready_seconds: float, step_seconds: f
     lead = math.ceil(1.5 * ready_seconds / max(step_seconds, 1e-6)) + 2
     return max(0, steps_left - lead)
 
-
-def max_over_ranks(*values: float) -> list[float]:
-    """Element-wise maxima of small float values over all ranks (called by all ranks)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if _distributed():
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [float(v) for v in tensor.cpu()]
