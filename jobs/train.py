@@ -26,7 +26,7 @@ DEFAULTS = dict(preset="tiny", num_workers=2, use_gpu=False, batch_size=8, epoch
                 val_data=None, seed=0, log_every=20, warmup_steps=None, weight_decay=1e-4, cls_loss="focal",
                 num_cpus=None, name="retinanet", placement="PACK", scale_jitter=None, fail_at_step=None, debug_dir=None,
                 repeat_factor_threshold=None, backbone_weights=None, norm=None, logger="tensorboard",
-                max_pixels=DEFAULT_MAX_PIXELS, cpus_per_worker=None)
+                max_pixels=DEFAULT_MAX_PIXELS, cpus_per_worker=None, shuffle_window_mb=256)
 # Loss knobs for the paper's ablations (bench/ablation.py); None keeps the preset's value.
 LOSS_OPTIONS = ("focal_gamma", "focal_alpha", "prior_prob", "ohem_batch", "ohem_nms", "ohem_ratio")
 DEFAULTS.update(dict.fromkeys(LOSS_OPTIONS))
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, help=f"pixel limit of one decode, as in jobs.prepare and jobs.infer "
                    f"(default {DEFAULT_MAX_PIXELS}, fits the memory a decode declares); larger non-JPEG images are "
                    f"skipped and counted as undecodable, larger JPEGs decode reduced")
+    p.add_argument("--shuffle-window-mb", type=_number(int, 1), help="each epoch's order: units of 64 images of all "
+                   "shards permuted, then windows of this many MB of encoded images permuted inside, one read task "
+                   "each (default 256; a dataset smaller than a window is permuted whole)")
     p.add_argument("--scale-jitter", type=float, nargs=2, metavar=("LO", "HI"), help="random image scale factor range")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default min(1000, steps / 10))")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay (default 1e-4)")

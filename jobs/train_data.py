@@ -33,7 +33,8 @@ def epoch_shard(cfg: dict, epoch: int, exclude: np.ndarray, rank: int, world: in
         ds, _ = detection_dataset(cfg["data"], image_size=cfg["image_size"], max_size=cfg["model"]["max_size"],
                                   train=True, seed=cfg["seed"], epoch=epoch, scale_jitter=cfg["scale_jitter"],
                                   batch_size=cfg["batch_size"], repeat_factor_threshold=cfg["repeat_factor_threshold"],
-                                  exclude_keys=exclude, max_pixels=cfg["max_pixels"])
+                                  exclude_keys=exclude, max_pixels=cfg["max_pixels"],
+                                  shuffle_window_bytes=cfg["shuffle_window_mb"] << 20)
         # The step lines are the run's progress. Ray Data's bars would be redrawn by the split
         # coordinator into the driver's log, through the log monitor, several times a second.
         ds.context.enable_progress_bars = False
@@ -48,9 +49,10 @@ def epoch_shard(cfg: dict, epoch: int, exclude: np.ndarray, rank: int, world: in
 class StartedEpoch:
     """An epoch's batch iterator whose first batch is requested at once, in a thread.
 
-    An epoch's dataset ends in a seeded all-to-all shuffle that reads every shard before it
-    yields its first row. Made when the previous epoch ends, every worker would wait for that at
-    each epoch start (measured on 2 workers here: a fifth of a 20-step window). Started a little
+    An epoch's first batch needs a new split coordinator (a process, Ray Data's imports, the
+    executor) and its first shuffle window read and decoded: seconds. Made when the previous
+    epoch ends, every worker would wait for that at each epoch start (measured on 2 workers
+    here, with the all-to-all shuffle of before: a fifth of a 20-step window). Started a little
     before the previous epoch ends (`next_epoch_start_step`), it is ready when that one ends.
     Not earlier: once its first blocks wait unread, Ray Data 2.60's scheduling loop for it
     spins without sleeping (no task left to wait on) and takes a whole core until the epoch is

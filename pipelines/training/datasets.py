@@ -2,7 +2,7 @@
 
 - `detection_dataset`: prepared shards (manifest.json) or a COCO layout (images/ +
   annotations.json) -> streaming rows ready for `collate_detection_batch`, one epoch per
-  dataset for training (images shuffled one by one per (seed, epoch)); decoded, resized and
+  dataset for training (images in a seeded order per (seed, epoch)); decoded, resized and
   flipped in CPU tasks.
 - `image_files_dataset`: a folder or bucket prefix of JPEG/PNG files (recursive) -> rows
   ``uri`` string, ``image`` binary (encoded bytes; null if unreadable), ``image_id`` int64
@@ -27,7 +27,8 @@ from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIX
 from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.images.collate import arrow_columns, collate_detection_batch, collate_pixels
 from pipelines.images.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
-from pipelines.training.sampling import repeat_rows, sample_keys
+from pipelines.training.sampling import drop_keys, repeat_rows
+from pipelines.training.shuffle import WINDOW_BYTES, shuffled_epoch
 
 log = logging.getLogger(__name__)
 
@@ -88,43 +89,49 @@ def detection_dataset(
     repeat_factor_threshold: float | None = None,
     exclude_keys: np.ndarray | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    shuffle_window_bytes: int = WINDOW_BYTES,
 ) -> tuple[ray.data.Dataset, Manifest]:
     """Rows for `collate_detection_batch` from shards or a COCO layout, plus the dataset's manifest.
 
-    For training the dataset is one epoch: its images shuffled one by one in an order fixed by
-    (seed, epoch) (a seeded `random_shuffle` of the shards' rows, which spills to the object
-    store instead of growing memory; a COCO layout permutes its image list), with new flips and
-    jitter per (seed, epoch, image, copy). `scale_jitter=(lo, hi)` multiplies `image_size` by a
-    factor drawn per image (training only); `max_size` stays the cap.
-    `repeat_factor_threshold=t` (shards) repeats images of rare categories, LVIS's repeat-factor
-    sampling (`pipelines.training.sampling`); the copies are shuffled over the whole epoch like
-    any image. `exclude_keys` (`sampling.sample_keys` of rows already trained) leaves those rows
-    out and keeps the others in the epoch's order: how a resumed epoch continues exactly.
+    For training the dataset is one epoch in an order fixed by (seed, epoch): shards are read in
+    a seeded two-level shuffle (`pipelines.training.shuffle`: units of 64 images permuted over
+    the whole dataset, dealt into windows of ~`shuffle_window_bytes` whose rows are permuted; a
+    dataset smaller than a window is one permutation of all its images; nothing all-to-all), a
+    COCO layout permutes its image list; new flips and jitter per (seed, epoch, image, copy).
+    `scale_jitter=(lo, hi)` multiplies `image_size` by a factor drawn per image (training only);
+    `max_size` stays the cap. `repeat_factor_threshold=t` (shards) repeats images of rare
+    categories, LVIS's repeat-factor sampling (`pipelines.training.sampling`); the copies are
+    shuffled within their window like any image. `exclude_keys` (`sampling.sample_keys` of rows
+    already trained) leaves those rows out and keeps the others in the epoch's order: how a
+    resumed epoch continues exactly.
     Rows carry ``copy`` so that a trainer can record its `sample_keys`. `max_pixels` bounds each
     decode (`pipelines.images.pixel_limit`); larger images are dropped and counted as undecodable.
     """
     kind = training_input_kind(uri)
-    factors = None
     if kind == "shards":
         manifest = training_manifest(uri)
-        ds = read_shards(shards.shard_uris(uri, manifest), ["image_id", "image", "boxes", "category_id", "iscrowd"])
-        if train and repeat_factor_threshold:
-            from pipelines.evaluation.report import train_image_counts
-            from pipelines.training.sampling import category_repeat_factors
+        columns = ["image_id", "image", "boxes", "category_id", "iscrowd"]
+        if train:
+            factors = None
+            if repeat_factor_threshold:
+                from pipelines.evaluation.report import train_image_counts
+                from pipelines.training.sampling import category_repeat_factors
 
-            factors = category_repeat_factors(train_image_counts(uri), manifest.num_images, repeat_factor_threshold)
+                factors = category_repeat_factors(train_image_counts(uri), manifest.num_images, repeat_factor_threshold)
+            ds = shuffled_epoch(shards.shard_uris(uri, manifest), manifest.shards, columns, seed=seed,
+                                epoch_seed=epoch_seed(seed, epoch), epoch=epoch, factors=factors,
+                                exclude_keys=exclude_keys, window_bytes=shuffle_window_bytes)
+        else:
+            ds = read_shards(shards.shard_uris(uri, manifest), columns)
     else:
         if train and repeat_factor_threshold:
             raise UserError(f"{uri}: repeat-factor sampling reads category counts from shards; run jobs.prepare")
         ds, manifest = coco_layout_dataset(uri, shuffle_seed=epoch_seed(seed, epoch) if train else None)
-    if train:
-        ds = ds.map_batches(repeat_rows, batch_format="pyarrow",
-                            fn_kwargs={"factors": factors, "seed": seed, "epoch": epoch})
-        if kind == "shards":
-            ds = ds.random_shuffle(seed=epoch_seed(seed, epoch))
-        if exclude_keys is not None and len(exclude_keys):
-            ds = ds.map_batches(_drop_keys, batch_format="pyarrow", fn_kwargs={"keys": np.unique(exclude_keys)})
-    # A read task yields one big block per ~128 MiB of shards; cut it into small blocks so that
+        if train:
+            ds = ds.map_batches(repeat_rows, batch_format="pyarrow", fn_kwargs={"factors": None})
+            if exclude_keys is not None and len(exclude_keys):
+                ds = ds.map_batches(drop_keys, batch_format="pyarrow", fn_kwargs={"keys": np.unique(exclude_keys)})
+    # A read task yields big blocks (up to ~128 MiB); cut them into small blocks so that
     # decoding spreads over every CPU instead of running in one task. (Blocks of 8 batches instead
     # of 1 made no measurable difference to jobs.train at 128 px, 1 worker.)
     ds = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
@@ -144,13 +151,6 @@ def training_input_kind(uri: str) -> str:
         raise UserError(f"{uri}: neither a shards folder (manifest.json) nor a COCO layout "
                         f"({COCO_IMAGES}/ + {COCO_ANNOTATIONS}); run jobs.prepare or jobs.synth")
     return kind
-
-
-def _drop_keys(batch: pa.Table, keys: np.ndarray) -> pa.Table:
-    """Rows whose (image id, copy) key is not in the sorted `keys`."""
-    rows = sample_keys(batch["image_id"].to_numpy(), batch["copy"].to_numpy())
-    position = np.searchsorted(keys, rows).clip(0, max(len(keys) - 1, 0))
-    return batch.filter(pa.array(keys[position] != rows))
 
 
 def read_shards(uris: list[str], columns: list[str]) -> ray.data.Dataset:

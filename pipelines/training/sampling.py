@@ -86,6 +86,14 @@ def repeat_rows(batch: pa.Table, factors: dict[int, float] | None, seed: int = 0
 MAX_COPIES = 1 << 10
 
 
+def drop_keys(table: pa.Table, keys: np.ndarray) -> pa.Table:
+    """The rows of `table` whose `sample_keys` are not in the sorted `keys` (rows a resumed
+    epoch has already trained)."""
+    rows = sample_keys(table["image_id"].to_numpy(), table["copy"].to_numpy())
+    position = np.searchsorted(keys, rows).clip(0, max(len(keys) - 1, 0))
+    return table.filter(pa.array(keys[position] != rows))
+
+
 def sample_keys(image_ids: np.ndarray, copies: np.ndarray) -> np.ndarray:
     """One int64 per row of an epoch, (image id, copy): what a resumed epoch leaves out."""
     copies = np.asarray(copies, np.int64)
