@@ -1,12 +1,14 @@
-"""Benchmark: training throughput of `jobs.train` (tiny preset, 1 worker, CPU) side by side with
+"""Benchmark: training throughput of `jobs.train` (tiny preset, CPU) side by side with
 (1) the same model stepping on batches already collated in memory (pipeline efficiency: how
-much the Ray Data -> Ray Train path costs), and (2) torchvision's RetinaNet at identical
+much the Ray Data -> Ray Train path costs), (2) torchvision's RetinaNet at identical
 architecture trained with a torch DataLoader loop in the style of torchvision's detection
-references (PIL decode in DataLoader workers, the model's own transform, per-image targets).
+references (PIL decode in DataLoader workers, the model's own transform, per-image targets),
+and (3) the in-memory loop run by Ray Train on jobs.train's Ray instance: Ray Train and an
+idle Ray's own cost, which (1) counts against the input path and the input path cannot remove.
 
     PYTHONPATH=. .venv/bin/python bench/train.py [--images 320] [--steps 40] [--size 128] [--save FILE]
 
-All three use the same images, batch size, image size, threads and number of steps; images/s
+All use the same images, batch size, image size, threads and number of steps; images/s
 excludes the first logging window / warm-up steps.
 """
 from __future__ import annotations
@@ -108,11 +110,11 @@ class _Measure:
         return images, time.perf_counter() - self.wall, sum(t - self.cpu.get(pid, 0.0) for pid, t in cpu.items())
 
 
-def in_memory_rank(rank: int, world: int, batches, num_classes: int, args):
+def in_memory_rank(rank: int, world: int, batches, num_classes: int, args, wrap=_ddp):
     torch.manual_seed(0)
     model = retinanet.build("tiny", num_classes=num_classes, min_size=args.size,
                             max_size=int(round(args.size * 1333 / 800))).train()
-    ddp_model = _ddp(model)
+    ddp_model = wrap(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
     measure = _Measure()
@@ -126,6 +128,38 @@ def in_memory_rank(rank: int, world: int, batches, num_classes: int, args):
         sum(losses.values()).backward()
         optimizer.step()
     return measure.result((args.steps - args.warmup) * args.batch)
+
+
+def ray_train_in_memory(batches, num_classes: int, args) -> tuple[float, dict[str, float]]:
+    """The in-memory loop run by Ray Train (TorchTrainer, `prepare_model`) on the Ray instance
+    jobs.train left running, with its CPUs per worker and threads: what Ray Train and an idle
+    Ray cost the step without any input path. (images/s, CPU ms per image by process role)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = tempfile.mktemp(suffix=".json")  # Ray Train 2.60 keeps metrics only with checkpoints
+    config = {"batches": batches, "num_classes": num_classes, "args": vars(args), "out": out}
+    with CpuSampler([os.getpid()], interval=1.0) as sampler:
+        TorchTrainer(_ray_train_rank, train_loop_config=config, scaling_config=ScalingConfig(
+            num_workers=args.workers, resources_per_worker={"CPU": 1})).fit()
+    m = json.load(open(out))
+    cpu = sampler.by_role(m["start"], m["end"])
+    return m["images"] / (m["end"] - m["start"]), {k: 1000 * v / m["images"] for k, v in cpu.items()}
+
+
+def _ray_train_rank(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    world = context.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as jobs.train sets it
+    images, seconds, _ = in_memory_rank(context.get_world_rank(), world, config["batches"], config["num_classes"],
+                                        argparse.Namespace(**config["args"]), wrap=ray.train.torch.prepare_model)
+    end = time.time()
+    if context.get_world_rank() == 0:
+        with open(config["out"], "w") as f:
+            json.dump({"images": images * world, "start": end - seconds, "end": end}, f)
 
 
 class CocoImages(torch.utils.data.Dataset):
@@ -209,14 +243,18 @@ def main() -> None:
     rounds = []
     for r in range(args.rounds):  # A-B-C, A-B-C: the machine's speed drifts, so ratios come per round
         job, job_cpu = run_job(shards, os.path.join(work, f"run-{r}"), args)
+        in_ray_train, in_ray_train_cpu = ray_train_in_memory(batches, num_classes, args)
         import ray
 
         ray.shutdown()  # the job's local Ray instance must not compete with the two baselines
         memory, memory_cpu = ddp_run(in_memory_rank, args.workers, batches, num_classes, args)
         tv, tv_cpu = ddp_run(torchvision_rank, args.workers, root, num_classes, args)
         rounds.append({"jobs_train_images_per_s": job, "in_memory_images_per_s": memory, "torchvision_images_per_s": tv,
+                       "in_memory_ray_train_images_per_s": in_ray_train,
                        "pipeline_efficiency": job / memory, "vs_torchvision": job / tv,
-                       "cpu_ms_per_image": {"jobs_train": job_cpu, "in_memory": memory_cpu, "torchvision": tv_cpu}})
+                       "ray_train_efficiency": in_ray_train / memory, "input_path_efficiency": job / in_ray_train,
+                       "cpu_ms_per_image": {"jobs_train": job_cpu, "in_memory": memory_cpu, "torchvision": tv_cpu,
+                                            "in_memory_ray_train": in_ray_train_cpu}})
     load_after = os.getloadavg()
     print(f"\ncores {os.cpu_count()}, {args.workers} workers (DDP) x {max(1, os.cpu_count() // args.workers)} torch "
           f"threads, batch {args.batch} per worker, {args.size} px, "
@@ -231,12 +269,19 @@ def main() -> None:
               f"   efficiency {f['pipeline_efficiency']:.2f}")
         print(f"{'torchvision RetinaNet + DataLoader (references style)':52s} {f['torchvision_images_per_s']:9.2f} "
               f"{cpu['torchvision']:13.1f}   jobs.train / torchvision {f['vs_torchvision']:.2f}x")
+        print(f"{'in-memory batches in Ray Train (no Ray Data)':52s} {f['in_memory_ray_train_images_per_s']:9.2f} "
+              f"{sum(cpu['in_memory_ray_train'].values()):13.1f}   vs in-memory {f['ray_train_efficiency']:.2f}, "
+              f"jobs.train vs it {f['input_path_efficiency']:.2f}")
     efficiency = float(np.mean([f["pipeline_efficiency"] for f in rounds]))
     vs_tv = float(np.mean([f["vs_torchvision"] for f in rounds]))
-    print(f"mean over rounds: efficiency {efficiency:.2f}, jobs.train / torchvision {vs_tv:.2f}x")
-    print("\njobs.train CPU ms per image by process (steps after the warm-up, last round):")
-    for name, ms in rounds[-1]["cpu_ms_per_image"]["jobs_train"].items():
-        print(f"  {name:50s} {ms:7.2f}")
+    print(f"mean over rounds: efficiency {efficiency:.2f}, jobs.train / torchvision {vs_tv:.2f}x, in-memory in Ray "
+          f"Train {np.mean([f['ray_train_efficiency'] for f in rounds]):.2f}, jobs.train vs that "
+          f"{np.mean([f['input_path_efficiency'] for f in rounds]):.2f}")
+    job_cpu, ray_train_cpu = (rounds[-1]["cpu_ms_per_image"][k] for k in ("jobs_train", "in_memory_ray_train"))
+    print("\nCPU ms per image by process (steps after the warm-up, last round):")
+    print(f"  {'':50s} {'jobs.train':>10s} {'in-memory in Ray Train':>23s}")
+    for name in sorted(set(job_cpu) | set(ray_train_cpu), key=lambda n: -job_cpu.get(n, 0.0)):
+        print(f"  {name:50s} {job_cpu.get(name, 0.0):10.2f} {ray_train_cpu.get(name, 0.0):23.2f}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after} on {os.cpu_count()} cores")
     if args.save:
         figures = {"pipeline_efficiency_mean": efficiency, "vs_torchvision_mean": vs_tv, "rounds": rounds,

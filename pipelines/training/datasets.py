@@ -33,6 +33,7 @@ from pipelines.training.shuffle import WINDOW_BYTES, shuffled_epoch
 log = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK = 64
+DECODED_BLOCK_BYTES, MAX_BATCHES_PER_DECODE = 64 << 20, 8
 
 
 class DetectionCollate(NumpyBatchCollateFn):
@@ -131,17 +132,26 @@ def detection_dataset(
             ds = ds.map_batches(repeat_rows, batch_format="pyarrow", fn_kwargs={"factors": None})
             if exclude_keys is not None and len(exclude_keys):
                 ds = ds.map_batches(drop_keys, batch_format="pyarrow", fn_kwargs={"keys": np.unique(exclude_keys)})
-    # A read task yields big blocks (up to ~128 MiB); cut them into small blocks so that
-    # decoding spreads over every CPU instead of running in one task. (Blocks of 8 batches instead
-    # of 1 made no measurable difference to jobs.train at 128 px, 1 worker.)
-    ds = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
-        preprocess_batch, batch_format="pyarrow", batch_size=batch_size,
+    # Read tasks yield big blocks (up to ~128 MiB); cut them into blocks of whole batches so that
+    # decoding spreads over every CPU instead of running in one task.
+    rows = decode_block_rows(batch_size, image_size * (scale_jitter[1] if scale_jitter and train else 1), max_size)
+    ds = ds.repartition(target_num_rows_per_block=rows).map_batches(
+        preprocess_batch, batch_format="pyarrow", batch_size=rows,
         fn_kwargs={"category_ids": manifest.category_ids, "min_size": image_size, "max_size": max_size,
                    "train": train, "seed": seed, "epoch": epoch, "scale_jitter": scale_jitter,
                    "flip_prob": flip_prob, "max_pixels": max_pixels})
     if train:
         ds.context.execution_options.preserve_order = True  # the epoch's order, reproducibly
     return ds, manifest
+
+
+def decode_block_rows(batch_size: int, image_size: float, max_size: float) -> int:
+    """Rows per decode task: whole batches, up to `MAX_BATCHES_PER_DECODE` of them while their
+    decoded pixels (at most image_size x max_size each) stay under `DECODED_BLOCK_BYTES`.
+    Every task costs the split coordinator its scheduling: over an epoch's first 11 s at 128 px
+    it used 2.4 CPU-s with one batch per task and 1.1 with eight (2 workers, 960 images)."""
+    batch_bytes = batch_size * 3 * min(image_size, max_size) * max_size
+    return batch_size * int(max(1, min(MAX_BATCHES_PER_DECODE, DECODED_BLOCK_BYTES // max(batch_bytes, 1))))
 
 
 def training_input_kind(uri: str) -> str:
