@@ -37,6 +37,9 @@ from pipelines.training.sampling import drop_keys, repeat_rows
 UNIT_ROWS = ROW_GROUP_IMAGES
 WINDOW_BYTES = 256 << 20
 BYTES_PER_IMAGE_UNKNOWN = 160 << 10  # manifests without shard sizes: a COCO image
+# A Ray worker with pyarrow and Ray Data loaded, before any data, with the 25% headroom Ray
+# Data's memory check asks for: it saw read tasks' workers peak at 381-396 MiB with a 36 MB window.
+WORKER_BASE_BYTES = 400 << 20
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,14 @@ def shuffled_epoch(uris: list[str], shards: list[dict], columns: list[str], *, s
     """The rows of epoch `epoch` (module doc), with a ``copy`` column as `repeat_rows` adds it.
 
     `shards` are the manifest's entries ({"num_images", "num_bytes"}) of `uris`; `seed` and
-    `epoch` draw the repeat counts, `epoch_seed` the order. Each read task declares three times
-    the bytes of its window (the rows read, repeated, permuted), at least 64 MiB.
+    `epoch` draw the repeat counts, `epoch_seed` the order. Each read task declares as memory a
+    worker's own (`WORKER_BASE_BYTES`) plus three times its window's bytes (the rows read,
+    repeated, permuted).
     """
     order = EpochOrder(tuple(uris), tuple(int(s["num_images"]) for s in shards),
                        tuple(int(s.get("num_bytes") or 0) for s in shards), epoch_seed, window_bytes)
     windows = order.num_windows()
-    window_memory = 3 * max(64 << 20, order.max_window_bytes())
+    window_memory = WORKER_BASE_BYTES + 3 * order.max_window_bytes()
     keys = np.unique(exclude_keys) if exclude_keys is not None and len(exclude_keys) else None
     ds = ray.data.from_items([{"window": w} for w in range(windows)], override_num_blocks=max(1, windows))
     return ds.map_batches(read_window, batch_size=1, batch_format="pyarrow", memory=window_memory,
