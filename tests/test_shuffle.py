@@ -69,8 +69,7 @@ def test_epoch_streams_window_by_window_without_an_all_to_all(small_shards):
     window = sum(s["num_bytes"] for s in manifest.shards) // 3
     from pipelines.training.datasets import epoch_seed
 
-    order = EpochOrder(tuple(uris), tuple(s["num_images"] for s in manifest.shards),
-                       tuple(s["num_bytes"] for s in manifest.shards), epoch_seed(5, 0), window)
+    order = EpochOrder.of_shards(uris, manifest.shards, epoch_seed(5, 0), window)
     units = order.units()
     bounds = order.window_bounds(units)
     assert len(bounds) - 1 >= 3

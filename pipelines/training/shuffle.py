@@ -52,6 +52,12 @@ class EpochOrder:
     seed: int
     window_bytes: int = WINDOW_BYTES
 
+    @classmethod
+    def of_shards(cls, uris: list[str], shards: list[dict], seed: int, window_bytes: int = WINDOW_BYTES) -> "EpochOrder":
+        """From the manifest's shard entries ({"num_images", "num_bytes"}) of `uris`."""
+        return cls(tuple(uris), tuple(int(s["num_images"]) for s in shards),
+                   tuple(int(s.get("num_bytes") or 0) for s in shards), seed, window_bytes)
+
     def units(self) -> np.ndarray:
         """(shard index, first row, end row) of every unit, in the epoch's order."""
         rows = np.asarray(self.rows, np.int64)
@@ -93,8 +99,7 @@ def shuffled_epoch(uris: list[str], shards: list[dict], columns: list[str], *, s
     worker's own (`WORKER_BASE_BYTES`) plus three times its window's bytes (the rows read,
     repeated, permuted).
     """
-    order = EpochOrder(tuple(uris), tuple(int(s["num_images"]) for s in shards),
-                       tuple(int(s.get("num_bytes") or 0) for s in shards), epoch_seed, window_bytes)
+    order = EpochOrder.of_shards(uris, shards, epoch_seed, window_bytes)
     windows = order.num_windows()
     window_memory = WORKER_BASE_BYTES + 3 * order.max_window_bytes()
     keys = np.unique(exclude_keys) if exclude_keys is not None and len(exclude_keys) else None
