@@ -186,7 +186,7 @@ def device_run(args) -> dict:
     uris = [str(p) for p in paths] * -(-args.num_images // len(paths))
     uris = uris[:args.num_images]
     checkpoint = write_checkpoint(workdir / "model.pt", args.preset).read_bytes()
-    detector = Detector(checkpoint, model_name="bench", use_gpu=args.device == "cuda", amp=args.amp,
+    detector = Detector(checkpoint, model_name="bench", use_gpu=args.device == "cuda", precision=args.amp or "fp32",
                         threads=None if args.device == "cuda" else os.cpu_count())
     size = dict(min_size=args.image_size, max_size=round(args.image_size * 1333 / 800))
     specs = [{"unit": k, "uris": uris[i:i + args.batch_size], "image_ids": None}

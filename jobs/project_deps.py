@@ -5,7 +5,7 @@ with the machine's own python3 before any environment exists (3.10 on Ubuntu 22.
 tomllib reads the file; on 3.10 a small reader handles the subset pyproject files use for these
 lists (arrays of double-quoted strings, comments, trailing commas).
 
-    python3 jobs/project_deps.py pyproject.toml            # one requirement a line (+ test)
+    python3 jobs/project_deps.py pyproject.toml            # one requirement a line (+ test, deploy)
     python3 jobs/project_deps.py pyproject.toml --key      # a hash naming the environment
 """
 from __future__ import annotations
@@ -100,4 +100,4 @@ if __name__ == "__main__":
         print(environment_key(pyproject))
     else:
         deps, extras = read(pyproject)
-        print("\n".join(deps + extras.get("test", [])))
+        print("\n".join(deps + extras.get("test", []) + extras.get("deploy", [])))

@@ -7,11 +7,8 @@ raw images of any sizes: it resizes, normalizes and pads exactly like torchvisio
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from retinanet.anchors import Anchors
@@ -19,7 +16,7 @@ from retinanet.backbone import build_backbone
 from retinanet.config import RetinaNetConfig
 from retinanet.head import RetinaNetHead
 from retinanet.losses import detection_losses
-from retinanet.postprocess import postprocess_detections
+from retinanet.postprocess import box_coder, feature_grid_sizes, postprocess_detections
 
 
 class RetinaNet(nn.Module):
@@ -30,7 +27,7 @@ class RetinaNet(nn.Module):
         self.backbone = build_backbone(cfg, backbone_weights)
         self.anchors = Anchors(cfg.anchor_sizes, cfg.aspect_ratios)
         self.head = RetinaNetHead(cfg)
-        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0), bbox_xform_clip=math.log(1000.0 / 16))
+        self.box_coder = box_coder()
         if cfg.cls_loss == "seesaw":
             # Cumulative positive-anchor counts per class; a buffer so checkpoints keep them.
             self.register_buffer("class_counts", torch.zeros(cfg.num_classes, dtype=torch.float64))
@@ -52,15 +49,19 @@ class RetinaNet(nn.Module):
         image_sizes = torch.as_tensor(image_sizes, dtype=torch.int64)
         if image_sizes.shape != (images.shape[0], 2):
             raise ValueError(f"image_sizes must be [B, 2] = [{images.shape[0]}, 2], got {tuple(image_sizes.shape)}")
-        features = list(self.backbone(images).values())
-        outputs = self.head(features)
-        anchors, level_sizes = self.anchors(tuple(images.shape[-2:]), [tuple(f.shape[-2:]) for f in features],
+        outputs = self.network(images)
+        anchors, level_sizes = self.anchors(tuple(images.shape[-2:]), feature_grid_sizes(*images.shape[-2:]),
                                             images.device, torch.float32)
         if self.training:
             if targets is None:
                 raise ValueError("training forward needs targets (boxes, labels, num_boxes)")
             return detection_losses(outputs, anchors, targets, self.config, self.box_coder, self.class_counts)
         return postprocess_detections(outputs, anchors, level_sizes, image_sizes, self.config, self.box_coder)
+
+    def network(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Backbone, FPN and both subnets on a normalized batch: the part that every runtime
+        runs and `retinanet.export` exports (anchors, decoding and NMS stay outside)."""
+        return self.head(list(self.backbone(images).values()))
 
     def transform(self, min_size: int | None = None, max_size: int | None = None) -> GeneralizedRCNNTransform:
         cfg = self.config

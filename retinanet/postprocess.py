@@ -8,11 +8,52 @@ per image (see `classwise_nms`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import batched_nms
 
+from retinanet.anchors import Anchors
 from retinanet.config import RetinaNetConfig
+
+
+def box_coder() -> BoxCoder:
+    """The paper's (and torchvision's) box coding: unit weights, log-size deltas clipped at 1000/16."""
+    return BoxCoder((1.0, 1.0, 1.0, 1.0), bbox_xform_clip=math.log(1000.0 / 16))
+
+
+def feature_grid_sizes(height: int, width: int, num_levels: int = 5) -> list[tuple[int, int]]:
+    """(h, w) of P3..P7 for a padded input of height x width.
+
+    Every stride-2 layer of the ResNet (3x3 or 7x7 with "same" padding, the 3x3 max pool, the
+    1x1 shortcuts) and of P6/P7 maps n to ceil(n / 2), so P3 is three halvings of the input and
+    each next level one more. A runtime that only returns the concatenated head outputs (an
+    exported graph) gets its anchors from these.
+    """
+    sizes, h, w = [], height, width
+    for level in range(2 + num_levels):
+        h, w = -(-h // 2), -(-w // 2)
+        if level >= 2:
+            sizes.append((h, w))
+    return sizes
+
+
+class DetectionDecoder:
+    """Head outputs of any runtime (torch, ONNX Runtime, OpenVINO) -> detections: the anchors
+    of the padded batch shape, box decoding, thresholds and NMS. Holds no weights."""
+
+    def __init__(self, cfg: RetinaNetConfig):
+        self.config = cfg
+        self.anchors = Anchors(cfg.anchor_sizes, cfg.aspect_ratios)
+        self.box_coder = box_coder()
+
+    def __call__(self, head_outputs: dict, padded_shape: tuple[int, int],
+                 image_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        device = head_outputs["bbox_regression"].device
+        anchors, level_sizes = self.anchors(tuple(padded_shape), feature_grid_sizes(*padded_shape), device,
+                                            torch.float32)
+        return postprocess_detections(head_outputs, anchors, level_sizes, image_sizes, self.config, self.box_coder)
 
 
 def classwise_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor,

@@ -49,14 +49,16 @@ class InferenceOptions:
     min_size: int = 800
     max_size: int = 1333
     max_pixels: int = DEFAULT_MAX_PIXELS
-    amp: str | None = None
+    runtime: str = "torch"  # torch | onnxruntime | openvino (pipelines.inference.runtimes)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU)
     debug_sleep: float = 0.0  # per unit; lets tests kill a run mid-way
     progress_seconds: float = PROGRESS_SECONDS
 
     def results_key(self) -> dict:
         """The options that change the rows (a rerun must match them to resume)."""
         return {k: v for k, v in asdict(self).items()
-                if k in ("score_thresh", "max_detections", "min_size", "max_size", "amp", "max_pixels")}
+                if k in ("score_thresh", "max_detections", "min_size", "max_size", "runtime", "precision",
+                         "max_pixels")}
 
 
 @dataclass
@@ -128,7 +130,8 @@ def run_inference(plan: plans.Plan, done: np.ndarray, output: str, checkpoint, m
                 "threads": o.decode_threads or (GPU_DECODE_THREADS if o.use_gpu else o.cpus_per_actor),
                 "decode": {"min_size": o.min_size, "max_size": o.max_size, "max_pixels": o.max_pixels},
                 "detector": {"model_name": model_name, "score_thresh": o.score_thresh, "max_detections": o.max_detections,
-                             "use_gpu": o.use_gpu, "amp": o.amp, "threads": o.cpus_per_actor},
+                             "use_gpu": o.use_gpu, "runtime": o.runtime, "precision": o.precision,
+                             "threads": o.cpus_per_actor},
                 "debug_sleep": o.debug_sleep})
         progress, seen = Progress(pending, o.progress_seconds), set()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

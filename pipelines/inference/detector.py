@@ -2,13 +2,11 @@
 a GPU box without Ray runs the same batch code (bench/infer.py)."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.inference import predictions
+from pipelines.inference import predictions, runtimes
 
 
 def _binary_buffers(column) -> tuple[np.ndarray, np.ndarray]:
@@ -21,41 +19,39 @@ def _binary_buffers(column) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Detector:
-    """The model, loaded once per Ray Data actor: decoded rows -> prediction rows (original pixels).
+    """The network, loaded once per Ray Data actor: decoded rows -> prediction rows (original pixels).
 
-    `checkpoint` is the checkpoint's bytes or an ObjectRef to them (put once by the driver, so
-    actors never download weights themselves).
+    `checkpoint` is a checkpoint's or an exported ONNX file's bytes, or an ObjectRef to them (put
+    once by the driver, so actors never download weights themselves). `runtime` and `precision`
+    pick where the network runs (`pipelines.inference.runtimes`); post-processing is the same
+    batched torch code for all of them.
     """
 
     def __init__(self, checkpoint, *, model_name: str, score_thresh: float | None = None,
-                 max_detections: int | None = None, use_gpu: bool = False, amp: str | None = None,
-                 threads: int | None = None, debug_sleep: float = 0.0):
+                 max_detections: int | None = None, use_gpu: bool = False, runtime: str = "torch",
+                 precision: str = "fp32", threads: int | None = None):
         import torch
 
-        import retinanet
+        from retinanet.postprocess import DetectionDecoder
 
         if not isinstance(checkpoint, (bytes, bytearray)):
             import ray
 
             checkpoint = ray.get(checkpoint)
-        model, _ = retinanet.load_checkpoint(bytes(checkpoint))
+        network = runtimes.load_network(bytes(checkpoint), runtime, precision, use_gpu=use_gpu, threads=threads)
         overrides = {"score_thresh": score_thresh, "detections_per_img": max_detections}
-        model.config = model.config.replace(**{k: v for k, v in overrides.items() if v is not None})
+        self.config = network.config.replace(**{k: v for k, v in overrides.items() if v is not None})
+        self.network, self.channels_last = network.run, network.channels_last
+        self.decoder = DetectionDecoder(self.config)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        if threads and not use_gpu:
-            torch.set_num_threads(threads)
-        model = model.to(self.device).eval()
         if use_gpu:
-            model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        self.model, self.categories, self.model_name = model, model.categories, model_name
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if use_gpu else None
-        self.mean = torch.tensor(model.config.image_mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(model.config.image_std, device=self.device).view(1, 3, 1, 1)
-        self.debug_sleep = debug_sleep
+        self.categories, self.model_name = network.categories, model_name
+        self.mean = torch.tensor(self.config.image_mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.config.image_std, device=self.device).view(1, 3, 1, 1)
 
-    def detect(self, pixels, heights: np.ndarray, widths: np.ndarray) -> list[dict]:
-        """Resized HxWx3 uint8 images (a binary column) -> detections in resized pixels (CPU tensors).
+    def network_input(self, pixels, heights: np.ndarray, widths: np.ndarray):
+        """Resized HxWx3 uint8 images (a binary column) -> (normalized padded batch, sizes [B, 2]).
 
         Pads into one uint8 canvas and normalizes on the device: the host copies a quarter of
         the bytes of a float batch and does no arithmetic per pixel.
@@ -63,7 +59,7 @@ class Detector:
         import torch
 
         data, offsets = _binary_buffers(pixels)
-        div = self.model.config.size_divisible
+        div = self.config.size_divisible
         pad_h, pad_w = (int(-(-max(int(s.max()), 1) // div) * div) for s in (heights, widths))
         canvas = np.zeros((len(heights), pad_h, pad_w, 3), np.uint8)
         for i, (h, w) in enumerate(zip(heights.tolist(), widths.tolist())):  # one copy per image
@@ -71,14 +67,21 @@ class Detector:
         sizes = torch.from_numpy(np.stack([heights, widths], 1).astype(np.int64))
         with torch.inference_mode():
             images = torch.from_numpy(canvas).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            if self.device.type == "cpu":
-                images = images.contiguous()  # channels_last only pays off on GPUs
+            if not self.channels_last:
+                images = images.contiguous()  # NCHW: ONNX graphs, and torch fp32 on CPUs
             images = images.float().div_(255.0).sub_(self.mean).div_(self.std)
             inside = (torch.arange(pad_h, device=self.device)[None, :, None] < sizes[:, :1, None].to(self.device)) & (
                 torch.arange(pad_w, device=self.device)[None, None, :] < sizes[:, 1:, None].to(self.device))
             images.mul_(inside[:, None])
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                out = self.model(images, sizes)
+        return images, sizes
+
+    def detect(self, pixels, heights: np.ndarray, widths: np.ndarray) -> list[dict]:
+        """Resized HxWx3 uint8 images (a binary column) -> detections in resized pixels (CPU tensors)."""
+        import torch
+
+        images, sizes = self.network_input(pixels, heights, widths)
+        with torch.inference_mode():
+            out = self.decoder(self.network(images), tuple(images.shape[-2:]), sizes)
         return [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()} for d in out]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -99,8 +102,6 @@ class Detector:
             boxes = np.concatenate([d["boxes"].numpy() for d in dets]).astype(np.float64) * np.repeat(ratio, per_image, 0)
             scores = np.concatenate([d["scores"].numpy() for d in dets])
             labels = np.concatenate([d["labels"].numpy() for d in dets])
-        if self.debug_sleep:
-            time.sleep(self.debug_sleep)
         size_mask = pa.array(~valid)
         return pa.table({
             "unit": batch["unit"], "index": batch["index"], "image_id": batch["image_id"], "uri": batch["uri"],
