@@ -15,6 +15,7 @@ from jobs.prepare import main
 from pipelines import storage
 from pipelines.formats.shards import SHARD_SCHEMA, read_manifest, shard_uris
 from pipelines.formats.synth import write_synth
+from conftest import SHARED_DATA
 
 
 def read_shards(uri: str) -> tuple[list[dict], object]:
@@ -156,7 +157,7 @@ def test_strict_fails_on_the_first_problem(ray_local, bad_coco, capsys, kind, im
 def test_user_errors_exit_2(tmp_path, capsys, case, message):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[1, 2]")
-    (tmp_path / "ok.json").write_text(json.dumps({"images": [], "categories": []}))
+    (tmp_path / "ok.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
     annotations = {"no_json": "annotations.json", "bad_json": "bad.json", "not_coco": "list.json"}.get(case, "ok.json")
     args = ["--images", str(tmp_path / ("nowhere" if case == "no_images" else "")),
             "--annotations", str(tmp_path / annotations), "--output", str(tmp_path / "out")]
@@ -190,3 +191,54 @@ def test_coco128_keeps_everything(ray_local, shared_data, tmp_path):
     assert {c for r in rows for c in r["category_id"]} == {a["category_id"] for a in coco["annotations"]}
     assert sum(len(r["boxes"]) for r in rows) + sum(manifest.issues.get(k, 0) for k in (
         "degenerate_box", "box_outside_image")) == len(coco["annotations"])
+
+
+def test_coco_json_without_annotations_and_categories_exits_2(tmp_path, capsys):
+    (tmp_path / "images.json").write_text(json.dumps({"images": [{"id": 1}]}))
+    with pytest.raises(SystemExit) as info:
+        run(main, ["--images", str(tmp_path), "--annotations", str(tmp_path / "images.json"),
+                   "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1
+    assert "images.json: missing COCO key(s) 'annotations', 'categories'" in err
+
+
+def test_coco_without_a_usable_image_exits_2(ray_local, bad_coco, capsys):
+    coco = json.loads((bad_coco / "annotations.json").read_text())
+    coco["images"] = [coco["images"][3]]  # corrupt.png only
+    (bad_coco / "corrupt.json").write_text(json.dumps(coco))
+    with pytest.raises(SystemExit) as info:
+        run(main, ["--images", str(bad_coco / "images"), "--annotations", str(bad_coco / "corrupt.json"),
+                   "--output", str(bad_coco / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and "corrupt.json: none of its 1 images is usable (corrupt_image=1" in err
+    assert not (bad_coco / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("labels", "labels: cannot tell its format (no .json, .yaml or folder of .xml); give --format coco, voc or yolo"),
+    ("mixed", "mixed: cannot tell its format (it holds coco, voc annotation files); give --format"),
+    ("list.txt", "list.txt: cannot tell its format"),
+])
+def test_format_detection_refuses_what_it_cannot_tell(tmp_path, capsys, layout, message):
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.xml").write_text("<annotation/>")
+    (tmp_path / "mixed" / "b.json").write_text("{}")
+    (tmp_path / "list.txt").write_text("a\n")
+    with pytest.raises(SystemExit) as info:
+        run(main, ["--images", str(tmp_path), "--annotations", str(tmp_path / layout),
+                   "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_format_is_detected_from_the_annotations():
+    from pipelines.formats.prepare import detect_format
+
+    assert detect_format("s3://b/coco/instances_train2017.json") == "coco"
+    assert detect_format("data/data.yaml") == "yolo" and detect_format("data/coco8.YML") == "yolo"
+    voc = SHARED_DATA / "bccd" / "BCCD" / "Annotations"
+    if voc.is_dir():
+        assert detect_format(str(voc)) == "voc"

@@ -4,6 +4,8 @@ Why a separate pass: bad annotations must never be silent and never stop a long 
 half-way. Each problem is either fixed (box clipped to the image) or the offending entry is
 dropped, and recorded in an `Issues` tally that `jobs.prepare` writes into the manifest and
 its summary; with ``strict=True`` the first problem raises a `UserError` naming it instead.
+The box rules (`checked_xyxy`) and the tally are shared by every input format (VOC, YOLO),
+so that one box is judged the same whichever file it came from.
 
 A record is a plain dict in the shard row layout of DESIGN.md minus the image bytes:
 ``image_id``, ``file_name``, ``width``, ``height``, ``boxes`` (xyxy, original pixels),
@@ -17,9 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipelines import storage
+from pipelines.formats import shards
 from pipelines.errors import UserError
 
 MAX_EXAMPLES_PER_KIND = 20  # the manifest lists this many examples of each problem
+# A box crossing the image border by less than this (pixels) is clipped without counting it: the
+# rounding of normalized coordinates (YOLO's 6 decimals) or of float json values, not a fault.
+EDGE_TOLERANCE = 0.01
 
 # What each problem kind means and what happened to the entry.
 ISSUE_KINDS = {
@@ -27,14 +33,15 @@ ISSUE_KINDS = {
     "duplicate_image_id": "image id seen before: later entry dropped",
     "duplicate_annotation_id": "annotation id seen before: later entry dropped",
     "unknown_image_id": "annotation for an image id not in images: annotation dropped",
-    "unknown_category": "category_id not in categories: annotation dropped",
-    "invalid_box": "bbox is not 4 finite numbers: annotation dropped",
+    "unknown_category": "category_id (VOC: class name, YOLO: class id) not in categories: annotation dropped",
+    "invalid_box": "bbox is not 4 finite numbers (or a malformed VOC/YOLO object): annotation dropped",
     "degenerate_box": "bbox with zero or negative width/height: annotation dropped",
     "box_outside_image": "bbox wholly outside the image: annotation dropped",
     "box_clipped": "bbox partly outside the image: clipped to it",
     "missing_image": "image file not found: image dropped",
     "corrupt_image": "image file does not decode: image dropped",
-    "size_mismatch": "decoded size differs from the json width/height: image kept",
+    "size_mismatch": "decoded size differs from the annotated width/height: image kept (VOC: at its decoded size)",
+    "invalid_annotation_file": "VOC xml or YOLO label file missing or unreadable: image dropped",
 }
 
 
@@ -68,14 +75,22 @@ class Issues:
         return ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
 
 
-def load_annotations(uri: str) -> dict:
-    """Read and structurally check a COCO json; structural problems are user errors."""
+def load_annotations(uri: str, required: tuple[str, ...] = ()) -> dict:
+    """Read and structurally check a COCO json; structural problems are user errors.
+
+    `required` names keys besides 'images' that must be present: a json without
+    'annotations' and 'categories' is an image list, not a training set (jobs.prepare).
+    """
     try:
         coco = json.loads(storage.read_bytes(uri))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{uri}: not valid JSON ({exc}); give a COCO annotations file") from None
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
         raise UserError(f"{uri}: no 'images' list; give a COCO annotations file")
+    missing = [key for key in required if key not in coco]
+    if missing:
+        raise UserError(f"{uri}: missing COCO key(s) {', '.join(repr(k) for k in missing)}; give a COCO instances "
+                        "json (images, annotations, categories)")
     for key in ("annotations", "categories"):
         if not isinstance(coco.setdefault(key, []), list):
             raise UserError(f"{uri}: '{key}' is not a list; give a COCO annotations file")
@@ -112,8 +127,7 @@ def image_records(coco: dict, issues: Issues) -> list[dict]:
             issues.add("duplicate_image_id", f"{img['file_name']} repeats id {img['id']}",
                        image_id=img["id"], file_name=img["file_name"])
             continue
-        rec = {"image_id": img["id"], "file_name": img["file_name"], "width": int(img["width"]),
-               "height": int(img["height"]), "boxes": [], "category_id": [], "iscrowd": [], "area": []}
+        rec = shards.new_record(img["id"], img["file_name"], img["width"], img["height"])
         by_id[img["id"]] = rec
         records.append(rec)
 
@@ -136,12 +150,9 @@ def image_records(coco: dict, issues: Issues) -> list[dict]:
         box = _checked_box(ann.get("bbox"), rec["width"], rec["height"], issues, where)
         if box is None:
             continue
-        rec["boxes"].append(box)
-        rec["category_id"].append(int(ann["category_id"]))
-        rec["iscrowd"].append(bool(ann.get("iscrowd", 0)))
         area = ann.get("area")
         ok_area = isinstance(area, (int, float)) and math.isfinite(area)
-        rec["area"].append(float(area) if ok_area else (box[2] - box[0]) * (box[3] - box[1]))
+        shards.add_object(rec, box, ann["category_id"], ann.get("iscrowd", 0), area if ok_area else None)
     return records
 
 
@@ -152,14 +163,24 @@ def _checked_box(bbox, width: int, height: int, issues: Issues, where: dict) -> 
         issues.add("invalid_box", f"bbox {bbox!r}", **where)
         return None
     x, y, w, h = (float(v) for v in bbox)
-    if w <= 0 or h <= 0:
-        issues.add("degenerate_box", f"bbox {list(bbox)} has w={w:g} h={h:g}", **where)
+    return checked_xyxy([x, y, x + w, y + h], width, height, issues, where, f"bbox {list(bbox)}")
+
+
+def checked_xyxy(box: list[float], width: int, height: int, issues: Issues, where: dict,
+                 shown: str) -> list[float] | None:
+    """A finite xyxy box in pixels -> clipped to the image, or None (recorded) when unusable.
+
+    The one set of box rules of every input format; `shown` is how the box reads in its source
+    (``bbox [x, y, w, h]``, ``bndbox [...]``, a YOLO line), for the issue examples.
+    """
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        issues.add("degenerate_box", f"{shown} has w={x2 - x1:g} h={y2 - y1:g}", **where)
         return None
-    x1, y1, x2, y2 = x, y, x + w, y + h
     if x1 >= width or y1 >= height or x2 <= 0 or y2 <= 0:
-        issues.add("box_outside_image", f"bbox {list(bbox)} outside {width}x{height}", **where)
+        issues.add("box_outside_image", f"{shown} outside {width}x{height}", **where)
         return None
     clipped = [max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))]
-    if clipped != [x1, y1, x2, y2]:
-        issues.add("box_clipped", f"bbox {list(bbox)} clipped to {width}x{height}", **where)
+    if max(abs(a - b) for a, b in zip(clipped, box)) >= EDGE_TOLERANCE:
+        issues.add("box_clipped", f"{shown} clipped to {width}x{height}", **where)
     return clipped

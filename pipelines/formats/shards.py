@@ -127,6 +127,20 @@ def plan_shards(sizes: list[int], images_per_shard: int, max_bytes: int) -> list
     return ranges
 
 
+def new_record(image_id: int, file_name: str, width: int, height: int) -> dict:
+    """A record of one image in the row layout (minus the image bytes), without objects yet."""
+    return {"image_id": image_id, "file_name": file_name, "width": int(width), "height": int(height),
+            "boxes": [], "category_id": [], "iscrowd": [], "area": []}
+
+
+def add_object(record: dict, box: list[float], category_id: int, iscrowd: bool, area: float | None = None) -> None:
+    """Append one checked xyxy box; `area` defaults to the box's own (formats without masks)."""
+    record["boxes"].append(box)
+    record["category_id"].append(int(category_id))
+    record["iscrowd"].append(bool(iscrowd))
+    record["area"].append((box[2] - box[0]) * (box[3] - box[1]) if area is None else float(area))
+
+
 def records_table(records: list[dict], images: list[bytes]) -> pa.Table:
     """Validated records plus their encoded bytes -> a table in the shard schema."""
     columns = {name: [r[name] for r in records] for name in SHARD_SCHEMA.names if name != "image"}
