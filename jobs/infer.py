@@ -15,7 +15,8 @@ failure; finished parts are kept, the rest is done once, and the input is not li
 --model may also be a file from jobs.export (.onnx), which carries its own config and categories.
 Where the network runs (README "Deploy"): --runtime torch | onnxruntime | openvino, --precision
 fp32 | bf16 (CPUs with bf16 instructions, and GPUs) | fp16 (GPUs). With neither flag: torch on a
-GPU, OpenVINO on a CPU (torch where OpenVINO is not installed), fp32 everywhere.
+GPU; on a CPU ONNX Runtime for fp32 and OpenVINO for bf16 (torch where they are not installed);
+fp32 unless --precision says otherwise.
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pixel limit of one decode (default {DEFAULT_MAX_PIXELS}, fits the memory a decode declares): "
                         "larger JPEGs decode reduced, other larger images become error rows")
     p.add_argument("--runtime", choices=runtimes.RUNTIMES,
-                   help="where the network runs (default: torch with --use-gpu, else openvino where installed, else "
-                        "torch); onnxruntime and openvino take a checkpoint (exported on the driver) or a .onnx file")
+                   help="where the network runs (default: torch with --use-gpu; on CPUs onnxruntime for fp32, openvino "
+                        "for bf16, where installed); onnxruntime and openvino take a checkpoint (exported on the "
+                        "driver) or a .onnx file")
     p.add_argument("--precision", choices=runtimes.PRECISIONS,
                    help="fp32 (default), bf16 (GPUs, and CPUs with AVX512_BF16/AMX: ~2-3x faster there, detections "
                         "within rounding), fp16 (GPUs)")
@@ -108,8 +110,9 @@ def _check_args(args) -> None:
 
 def _runtime(args) -> tuple[str, str]:
     """(runtime, precision) of the flags and their defaults; exit 2 for what this machine cannot run."""
-    runtime, precision = runtimes.default_runtime(args.use_gpu)
-    runtime, precision = args.runtime or runtime, args.precision or args.amp or precision
+    precision = args.precision or args.amp
+    runtime = args.runtime or runtimes.default_runtime(args.use_gpu, precision)[0]
+    precision = precision or "fp32"
     try:
         runtimes.check_precision(runtime, precision, args.use_gpu, cpu_local=not os.environ.get("RAY_ADDRESS"))
     except runtimes.RuntimeUnavailable as exc:

@@ -260,7 +260,7 @@ def test_torchvision_state_dict_file_matches_predict(tmp_path):
     pictures = {"a.png": scene(96, 128, 1), "b.png": scene(96, 128, 2), "double.png": scene(192, 256, 3)}
     for name, pixels in pictures.items():
         Image.fromarray(pixels).save(tmp_path / name)
-    _, checkpoint, identity = infer.load_model(str(tmp_path / "tv.pt"))
+    _, _, checkpoint, identity = infer.load_model(str(tmp_path / "tv.pt"))
     spec = {"unit": 0, "uris": [str(tmp_path / n) for n in pictures], "image_ids": None}
     with ThreadPoolExecutor(2) as pool:
         decoded = pa.concat_tables(decoded_chunks(spec, 2, pool, 1, min_size=96, max_size=160))

@@ -192,13 +192,19 @@ def load_network(model_bytes: bytes, runtime: str, precision: str, *, use_gpu: b
     return LoadedNetwork(OpenVinoNetwork(onnx_bytes, outputs, threads, precision), config, categories)
 
 
-def default_runtime(use_gpu: bool) -> tuple[str, str]:
-    """(runtime, precision) for a user who names neither (README "Deploy" says why)."""
+def default_runtime(use_gpu: bool, precision: str | None) -> tuple[str, str]:
+    """(runtime, precision) for what the user left out (README "Deploy" has the figures).
+
+    fp32 unless asked otherwise, so that no flag means the detections of the eager model. On
+    GPUs torch (cuDNN). On CPUs the fastest installed runtime for the precision: ONNX Runtime
+    for fp32 (2.8x torch's network at 800 px on a 2-core Zen 4, same outputs within 2e-6),
+    OpenVINO for bf16 (4.0x), torch where neither is installed.
+    """
+    precision = precision or "fp32"
     if use_gpu:
-        return "torch", "fp32"
-    if module_installed("openvino"):
-        return "openvino", "fp32"
-    return "torch", "fp32"
+        return "torch", precision
+    order = ("onnxruntime", "openvino") if precision == "fp32" else ("openvino",)
+    return next((r for r in order if module_installed(r)), "torch"), precision
 
 
 __all__ = ["PRECISIONS", "RUNTIMES", "LoadedNetwork", "RuntimeUnavailable", "check_precision", "cpu_has_bf16",
