@@ -5,7 +5,9 @@
 # settings and weights, and detections on the GPU equal to the CPU's within tolerance.
 # Then the training input (bench/gpu_input.py): R50-FPN bf16 fed by 12 decode processes through
 # the uint8 path of jobs.train, images/s and GPU busy fraction against batches resident on the GPU.
-# Writes bench/results/model-gpu.json and train-input-gpu.json (naming the device); under 9.5 minutes.
+# Then the runtimes of jobs.infer on a GPU and the ONNX export on its torch (bench/gpu_runtimes.py).
+# Writes bench/results/model-gpu.json, train-input-gpu.json and runtimes-gpu.json (naming the
+# device); under 9.5 minutes.
 #
 #   bash bench/gpu.sh             # on the GPU machine
 #   bash bench/gpu.sh --dry-run   # anywhere: every code path, tiny model, on the CPU if need be
@@ -21,8 +23,9 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
 PYEOF
-# 7 + 2 minutes, leaving the rest of 10 for start-up and the copy back.
+# 6 + 2 + 1 minutes, leaving the rest of 10 for start-up and the copy back.
 status=0
-timeout 420 "$PY" bench/gpu_model.py "$@" || status=$?
+timeout 360 "$PY" bench/gpu_model.py "$@" || status=$?
 timeout 120 "$PY" bench/gpu_input.py "$@" || status=$?
+timeout 60 "$PY" bench/gpu_runtimes.py "$@" || status=$?
 exit $status

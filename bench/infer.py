@@ -105,7 +105,7 @@ def pipeline_run(checkpoint: Path, images: Path, output: Path, args) -> tuple[fl
 def tree_cpu_seconds() -> float:
     """CPU seconds of this process and its descendants, those that exited included: Ray stops the
     detector actors when a run ends, and their time then moves to the raylet's cutime/cstime."""
-    from ingest import _stat_fields, process_tree  # bench/ingest.py: /proc readers
+    from proctree import _stat_fields, process_tree  # bench/proctree.py: /proc readers
 
     ticks = 0
     for pid in process_tree([os.getpid()]):
