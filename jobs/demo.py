@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import time
 
 from jobs.cli import run
@@ -56,11 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     _step("train", ["--data", path("shards", "train"), "--output", path("train"),
                     "--num-workers", str(args.num_workers), "--batch-size", str(args.batch_size),
                     "--epochs", str(args.epochs), "--image-size", size, "--checkpoint-every", "200"])
-    if importlib.util.find_spec("jobs.infer") is not None:
-        _step("infer", ["--model", path("train", "model.pt"), "--input", path("shards", "val"),
-                        "--output", path("predictions")])
-        _step("evaluate", ["--predictions", path("predictions"), "--annotations", path("synth", "val", "annotations.json"),
-                           "--output", path("evaluation")])
+    _step("infer", ["--model", path("train", "model.pt"), "--input", path("shards", "val"),
+                    "--output", path("predictions")])
+    _step("evaluate", ["--predictions", path("predictions"), "--annotations", path("synth", "val", "annotations.json"),
+                       "--output", path("evaluation")])
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs under {out.uri()}")
     return 0
 

@@ -147,11 +147,6 @@ def named_weights(name: str):
         raise ValueError(f"unknown torchvision weights {name!r}; expected e.g. {IMAGENET_WEIGHTS['resnet50']}") from None
 
 
-def named_weights_state(name: str) -> dict:
-    """Download (or take from the torch hub cache) the state dict of torchvision weights `name`."""
-    return named_weights(name).get_state_dict(progress=False, check_hash=True)
-
-
 def fine_tune_config(donor: RetinaNetConfig, **changes) -> RetinaNetConfig:
     """The donor's architecture (backbone, P6 source, norms, BN eps, anchors) with `changes`
     to what training may change: class count, losses, input sizes."""
