@@ -70,12 +70,20 @@ def detect_all(detector: Detector, rows: pa.Table, batch: int) -> list[dict]:
     return out
 
 
-def assert_same_detections(got: list[dict], want: list[dict]) -> None:
+def assert_same_detections(got: list[dict], want: list[dict], share: float = 0.99) -> None:
+    """Per image: as many detections, and at least `share` of torch's each with a partner of the
+    same label within BOX_ATOL px and SCORE_ATOL. Order-free, and a share rather than all: among
+    hundreds of detections of nearly equal score, a rounding difference can swap two ranks at the
+    per-image cut or in NMS, replacing one detection by its neighbour."""
     assert sum(len(w["scores"]) for w in want) > 0, "nothing to compare"
     for i, (g, w) in enumerate(zip(got, want)):
-        assert g["labels"].tolist() == w["labels"].tolist(), i
-        np.testing.assert_allclose(g["boxes"].numpy(), w["boxes"].numpy(), atol=BOX_ATOL, err_msg=str(i))
-        np.testing.assert_allclose(g["scores"].numpy(), w["scores"].numpy(), atol=SCORE_ATOL, err_msg=str(i))
+        assert len(g["scores"]) == len(w["scores"]), i
+        if not len(w["scores"]):
+            continue
+        close = ((w["boxes"][:, None] - g["boxes"][None]).abs().amax(-1) <= BOX_ATOL) & (
+            (w["scores"][:, None] - g["scores"][None]).abs() <= SCORE_ATOL) & (w["labels"][:, None] == g["labels"][None])
+        matched = float(close.any(1).float().mean())
+        assert matched >= share, (i, matched)
 
 
 # ---------------------------------------------------------------------------------- fixtures

@@ -53,15 +53,19 @@ def arrow_columns(table) -> dict:
     for name in table.column_names:
         column = table[name]
         if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-            out[name] = [view for chunk in column.chunks for view in _binary_views(chunk)]
+            out[name] = binary_views(column)
         else:
             out[name] = column.to_numpy()
     return out
 
 
-def _binary_views(chunk) -> list[np.ndarray]:
+def binary_views(column) -> list[np.ndarray]:
+    """Each value of a binary Array or ChunkedArray as a uint8 view into Arrow's buffer (no copy)."""
     import pyarrow as pa
 
+    if isinstance(column, pa.ChunkedArray):
+        return [view for chunk in column.chunks for view in binary_views(chunk)]
+    chunk = column
     _, offsets, data = chunk.buffers()
     width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
     bounds = np.frombuffer(offsets, width)[chunk.offset:chunk.offset + len(chunk) + 1]

@@ -6,16 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.images.collate import binary_views, normalize_images, padded_size
 from pipelines.inference import predictions, runtimes
-
-
-def _binary_buffers(column) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes as uint8, offsets as int64) of a binary column, without copying each value."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    _, offsets, data = arr.buffers()
-    offsets = np.frombuffer(offsets, width)[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
-    return (np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)), offsets
 
 
 class Detector:
@@ -47,8 +39,6 @@ class Detector:
         if use_gpu:
             torch.backends.cudnn.benchmark = True
         self.categories, self.model_name = network.categories, model_name
-        self.mean = torch.tensor(self.config.image_mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.config.image_std, device=self.device).view(1, 3, 1, 1)
 
     def network_input(self, pixels, heights: np.ndarray, widths: np.ndarray):
         """Resized HxWx3 uint8 images (a binary column) -> (normalized padded batch, sizes [B, 2]).
@@ -58,21 +48,14 @@ class Detector:
         """
         import torch
 
-        data, offsets = _binary_buffers(pixels)
-        div = self.config.size_divisible
-        pad_h, pad_w = (int(-(-max(int(s.max()), 1) // div) * div) for s in (heights, widths))
-        canvas = np.zeros((len(heights), pad_h, pad_w, 3), np.uint8)
-        for i, (h, w) in enumerate(zip(heights.tolist(), widths.tolist())):  # one copy per image
-            canvas[i, :h, :w] = data[offsets[i]:offsets[i + 1]].reshape(h, w, 3)
+        canvas = np.zeros((len(heights), *padded_size(heights, widths, self.config.size_divisible), 3), np.uint8)
+        for i, (view, h, w) in enumerate(zip(binary_views(pixels), heights.tolist(), widths.tolist())):
+            canvas[i, :h, :w] = view.reshape(h, w, 3)  # one copy per image: sizes differ
         sizes = torch.from_numpy(np.stack([heights, widths], 1).astype(np.int64))
         with torch.inference_mode():
-            images = torch.from_numpy(canvas).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            if not self.channels_last:
-                images = images.contiguous()  # NCHW: ONNX graphs, and torch fp32 on CPUs
-            images = images.float().div_(255.0).sub_(self.mean).div_(self.std)
-            inside = (torch.arange(pad_h, device=self.device)[None, :, None] < sizes[:, :1, None].to(self.device)) & (
-                torch.arange(pad_w, device=self.device)[None, None, :] < sizes[:, 1:, None].to(self.device))
-            images.mul_(inside[:, None])
+            # NCHW for ONNX graphs and torch fp32 on CPUs; channels_last where the runtime wants it.
+            images = normalize_images(torch.from_numpy(canvas).to(self.device, non_blocking=True), sizes,
+                                      self.config.image_mean, self.config.image_std, self.channels_last)
         return images, sizes
 
     def detect(self, pixels, heights: np.ndarray, widths: np.ndarray) -> list[dict]:

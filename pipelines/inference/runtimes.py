@@ -60,6 +60,7 @@ def check_precision(runtime: str, precision: str, use_gpu: bool, cpu_local: bool
         raise RuntimeUnavailable(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if runtime != "torch":
         require_module(runtime, f"runtime {runtime}")
+        require_module("onnx", f"runtime {runtime}")  # reads exported files, exports checkpoints
         if use_gpu:
             raise RuntimeUnavailable(f"runtime {runtime} runs on CPUs here; on GPUs use the torch runtime "
                                      "(or build a TensorRT engine from the exported file: cluster/README.md)")
