@@ -1,7 +1,8 @@
 """Every runtime x precision side by side: the network alone, and jobs.infer end to end.
 
     .venv/bin/python bench/runtimes.py [--preset r50 --image-size 800 --batch-size 2 --repeats 3]
-        [--e2e-images 16] [--model model.pt] [--skip-e2e] [--output bench/results/runtimes-cpu.json]
+        [--e2e-images 16 | --e2e-input COCO_LAYOUT --coco-json GT] [--model model.pt]
+        [--int8-calibration SHARDS] [--skip-e2e] [--output bench/results/runtimes-cpu-r50.json]
 
 1. Network only (`Detector.network`: what each runtime runs, on the same normalized batch):
    ms per batch, images/s, speed-up over torch fp32 (what jobs.infer ran on CPUs before it had
@@ -9,8 +10,8 @@
    rounds alternate the runtimes (this machine's speed drifts between minutes); the median counts.
 2. End to end: `jobs.infer` on a local Ray (one detector actor holding every core, JPEGs of
    COCO size on local disk: decode -> network -> post-processing -> Parquet): images/s, CPU
-   ms per image of the whole process tree, and how its detections agree with torch fp32's
-   (images whose detections match in count and labels; largest box and score differences).
+   ms per image, and how its detections agree with torch fp32's (the share matched at IoU 0.99
+   with the same class; images whose detections match one to one).
 
 --model: a trained checkpoint (e.g. `make demo`'s model) for detections that mean something,
 and --coco-json GT to score each end-to-end run with pycocotools. Default: a seeded untrained
@@ -44,6 +45,31 @@ from infer import write_images  # noqa: E402 - bench/infer.py, after the path se
 from proctree import machine_busy_seconds  # noqa: E402
 
 PAIRS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+INT8_PAIRS = [("onnxruntime", "int8"), ("openvino", "int8")]  # with --int8-calibration: the QDQ file, fp32 around it
+
+
+def model_files(args, data: bytes, workdir: Path) -> dict[str, Path]:
+    """The checkpoint, its fp32 export and (with --int8-calibration) its int8 export, as files."""
+    from jobs import export as export_job
+
+    files = {"checkpoint": workdir / "model.pt", "fp32": workdir / "model.onnx", "int8": workdir / "int8.onnx"}
+    files["checkpoint"].write_bytes(data)
+    assert export_job.main(["--model", str(files["checkpoint"]), "--output", str(files["fp32"])]) == 0
+    if args.int8_calibration:
+        assert export_job.main(["--model", str(files["checkpoint"]), "--output", str(files["int8"]),
+                                "--int8", args.int8_calibration, "--calibration-images", "64"]) == 0
+    return files
+
+
+def pairs(args) -> list[tuple[str, str]]:
+    return PAIRS + (INT8_PAIRS if args.int8_calibration else [])
+
+
+def variant(files: dict[str, Path], runtime: str, precision: str) -> tuple[Path, str]:
+    """(model file, precision flag) of a row: torch runs the checkpoint, the others an export."""
+    if precision == "int8":
+        return files["int8"], "fp32"
+    return files["checkpoint" if runtime == "torch" else "fp32"], precision
 
 
 def model_bytes(args) -> bytes:
@@ -57,25 +83,25 @@ def model_bytes(args) -> bytes:
     return retinanet.checkpoint_bytes(retinanet.build(args.preset, num_classes=80))
 
 
-def detectors(data: bytes, threads: int) -> dict:
+def detectors(args, files: dict[str, Path], threads: int) -> dict:
     from pipelines.inference.detector import Detector
-    from retinanet.export import export_onnx
-    import retinanet
 
-    onnx_bytes = export_onnx(retinanet.load_checkpoint(data)[0], source="bench")
-    return {(rt, pr): Detector(data if rt == "torch" else onnx_bytes, model_name="bench", runtime=rt, precision=pr,
-                               threads=threads) for rt, pr in PAIRS}
+    out = {}
+    for rt, pr in pairs(args):
+        path, precision = variant(files, rt, pr)
+        out[(rt, pr)] = Detector(path.read_bytes(), model_name="bench", runtime=rt, precision=precision, threads=threads)
+    return out
 
 
-def network_only(args, data: bytes, rows) -> list[dict]:
+def network_only(args, files: dict[str, Path], rows) -> list[dict]:
     import torch
 
-    dets = detectors(data, os.cpu_count() or 1)
+    dets = detectors(args, files, os.cpu_count() or 1)
     base = dets[("torch", "fp32")]
     heights, widths = (rows[c].to_numpy().astype(np.int64) for c in ("height", "width"))
     images, _ = base.network_input(rows["pixels"], heights, widths)
     reference = base.network(images)
-    times = {pair: [] for pair in PAIRS}
+    times = {pair: [] for pair in pairs(args)}
     diffs = {}
     for pair, det in dets.items():  # warm-up (and one-time compilation), and the agreement
         out = det.network(images)
@@ -97,7 +123,7 @@ def network_only(args, data: bytes, rows) -> list[dict]:
     return out
 
 
-def end_to_end(args, data: bytes, workdir: Path) -> list[dict]:
+def end_to_end(args, files: dict[str, Path], workdir: Path) -> list[dict]:
     import pyarrow as pa
 
     from jobs import infer
@@ -106,16 +132,15 @@ def end_to_end(args, data: bytes, workdir: Path) -> list[dict]:
     images = Path(args.e2e_input) if args.e2e_input else workdir / "images"
     if not args.e2e_input:
         write_images(images, args.e2e_images, 480, 640)
-    model = workdir / "model.pt"
-    model.write_bytes(data)
     ensure_ray(max(4, 2 * (os.cpu_count() or 1)))
     results, outputs = [], {}
-    for rt, pr in PAIRS:
+    for rt, pr in pairs(args):
         out = workdir / f"out-{rt}-{pr}"
+        model, precision = variant(files, rt, pr)
         argv = ["--model", str(model), "--input", str(images), "--output", str(out), "--num-actors", "1",
                 "--cpus-per-actor", str(os.cpu_count() or 1), "--batch-size", str(args.batch_size),
                 "--image-size", str(args.image_size), "--unit-size", str(args.unit_size),
-                "--runtime", rt, "--precision", pr] + (["--coco-json", str(out / "results.json")] if args.coco_json else [])
+                "--runtime", rt, "--precision", precision] + (["--coco-json", str(out / "results.json")] if args.coco_json else [])
         before, start = machine_busy_seconds(), time.perf_counter()
         stats = infer.run_job(infer.build_parser().parse_args(argv))
         wall, cpu = time.perf_counter() - start, machine_busy_seconds() - before
@@ -129,7 +154,7 @@ def end_to_end(args, data: bytes, workdir: Path) -> list[dict]:
             results[-1]["coco_ap"] = coco_ap(args.coco_json, out / "results.json")
     reference = {r["uri"]: r["detections"] for r in outputs[("torch", "fp32")].to_pylist()}
     base, base_steady = results[0]["images_per_s"], results[0]["steady_images_per_s"]
-    for result, pair in zip(results, PAIRS):
+    for result, pair in zip(results, pairs(args)):
         result["speedup"] = round(result["images_per_s"] / base, 2)
         result["steady_speedup"] = round(result["steady_images_per_s"] / base_steady, 2)
         result.update(agreement(reference, {r["uri"]: r["detections"] for r in outputs[pair].to_pylist()}))
@@ -207,6 +232,8 @@ def main() -> None:
     p.add_argument("--e2e-input", help="images (or a COCO layout) for the end-to-end runs instead of generated JPEGs")
     p.add_argument("--coco-json", help="ground truth of --e2e-input: each run's COCO AP by pycocotools")
     p.add_argument("--unit-size", type=int, default=4)
+    p.add_argument("--int8-calibration", metavar="URI",
+                   help="also the int8 export (jobs.export --int8 URI: training shards or images) under both runtimes")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "runtimes-cpu.json"))
     args = p.parse_args()
@@ -219,15 +246,16 @@ def main() -> None:
               "batch_size": args.batch_size}
     data = model_bytes(args)
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
+        files = model_files(args, data, Path(tmp))
         paths = write_images(Path(tmp) / "net", args.batch_size, 480, 640)
         table = pa.table({"uri": [str(p) for p in paths], "image": pa.array([p.read_bytes() for p in paths], pa.binary())})
         rows = preprocess_images_batch(table, min_size=args.image_size, max_size=round(args.image_size * 1333 / 800))
-        result["network"] = network_only(args, data, rows)
+        result["network"] = network_only(args, files, rows)
         for r in result["network"]:
             print(f"network {r['runtime']:12s} {r['precision']}: {r['ms_per_batch']:8.1f} ms/batch "
                   f"{r['speedup']:.2f}x  max diff {r['max_abs_diff']:.2e}", flush=True)
         if not args.skip_e2e:
-            result["end_to_end"] = end_to_end(args, data, Path(tmp))
+            result["end_to_end"] = end_to_end(args, files, Path(tmp))
             for r in result["end_to_end"]:
                 print(f"jobs.infer {r['runtime']:12s} {r['precision']}: {r['images_per_s']:.3f} img/s "
                       f"{r['speedup']:.2f}x, steady {r['steady_images_per_s']:.3f} {r['steady_speedup']:.2f}x, "

@@ -2,6 +2,7 @@
 
     python -m jobs.export --model URI|torchvision:NAME --output FILE.onnx [--opset 17]
         [--check-images URI] [--check-runtime onnxruntime|openvino] [--tolerance 1e-3]
+        [--int8 CALIBRATION_URI [--calibration-images 64]]
 
 The graph is the network only: normalized float32 images [batch, 3, height, width] in (dynamic
 batch, height and width; height and width multiples of the model's size divisibility), class
@@ -14,6 +15,12 @@ divisibility and the identity of the source checkpoint.
 Before writing, the exported graph runs on --check-images (default: 4 generated images) as one
 batch and one by one, at the model's inference size, and its outputs and detections are
 compared with the eager model's; a difference above --tolerance is an error (exit 1).
+
+--int8 quantizes the checked graph after training (QDQ: int8 weights per channel, uint8
+activations with ranges from --calibration-images images of the given shards folder or image
+folder, ideally the training shards; `pipelines.inference.quantize`). The int8 graph's
+differences from the eager model are reported, not gated: judge it by its AP on a validation
+set (jobs.infer + jobs.evaluate), as quantization trades a little accuracy for speed.
 """
 from __future__ import annotations
 
@@ -51,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime that runs the check (default: onnxruntime where installed, else openvino)")
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest absolute difference of logits and box deltas allowed (default %(default)s)")
+    p.add_argument("--int8", metavar="CALIBRATION_URI",
+                   help="write an int8 (QDQ) graph calibrated on these images: a shards folder from jobs.prepare "
+                        "(the training shards) or a folder/prefix of images")
+    p.add_argument("--calibration-images", type=int, default=64,
+                   help="images to calibrate activation ranges on (default %(default)s)")
     return p
 
 
@@ -64,6 +76,24 @@ def check_images(uri: str | None, count: int = CHECK_IMAGES) -> list[bytes]:
     if not files:
         raise UserError(f"--check-images {uri}: no {'/'.join(IMAGE_SUFFIXES)} files there")
     return [storage.read_bytes(f) for f in files]
+
+
+def calibration_images(uri: str, count: int) -> list[bytes]:
+    """The first `count` images of a shards folder (their encoded bytes) or of an image folder."""
+    import pyarrow.parquet as pq
+
+    from pipelines.formats import shards
+
+    if shards.input_kind(uri) != "shards":
+        return check_images(uri, count)
+    images: list[bytes] = []
+    for shard in shards.shard_uris(uri, shards.read_manifest(uri)):
+        fs, path = storage.arrow_filesystem(shard)
+        with fs.open_input_file(path) as handle:
+            images += pq.read_table(handle, columns=["image"])["image"].to_pylist()[:count - len(images)]
+        if len(images) >= count:
+            break
+    return images
 
 
 def decoded_rows(images: list[bytes], config) -> pa.Table:
@@ -97,6 +127,28 @@ def compare(eager, exported, rows: pa.Table) -> dict:
     return worst
 
 
+def quantized(args, eager, data: bytes, rows: pa.Table, identity: str) -> bytes:
+    """The int8 graph of `data`, calibrated on --int8's images, with its differences reported."""
+    from pipelines.inference.detector import Detector
+    from pipelines.inference.quantize import quantize_int8
+
+    if args.calibration_images < 1:
+        raise UserError(f"--calibration-images {args.calibration_images}: give at least 1")
+    calibration = decoded_rows(calibration_images(args.int8, args.calibration_images), eager.config)
+    batches = []
+    for i in range(calibration.num_rows):
+        one = calibration.slice(i, 1)
+        images, _ = eager.network_input(one["pixels"], *(one[c].to_numpy().astype(np.int64) for c in ("height", "width")))
+        batches.append(images.numpy())
+    start = time.perf_counter()
+    data = quantize_int8(data, batches, calibration=args.int8)
+    worst = compare(eager, Detector(data, model_name=identity, runtime="onnxruntime"), rows)
+    print(f"int8 ({len(batches)} calibration images, {time.perf_counter() - start:.1f} s): outputs differ by at most "
+          f"{worst['outputs']:.2e}; {worst['detections_differ']} check image(s) with other detections (score the "
+          "int8 file's AP on a validation set before bulk runs)", file=sys.stderr)
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     import retinanet
     from jobs.infer import load_model
@@ -108,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runtimes.require_module("onnx", "jobs.export")
         runtimes.require_module(check_runtime, "the export check")
+        if args.int8:
+            runtimes.require_module("onnxruntime", "--int8 (ONNX Runtime's quantizer)")
     except runtimes.RuntimeUnavailable as exc:
         raise UserError(str(exc)) from None
     if not args.output.endswith(".onnx"):
@@ -128,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the exported graph differs from the eager model by {worst['outputs']:.2e} > --tolerance "
               f"{args.tolerance}; nothing written", file=sys.stderr)
         return 1
+    if args.int8:
+        data = quantized(args, eager, data, rows, identity)
     storage.write_bytes_atomic(args.output, data)
     meta = read_metadata(data)
-    print(f"exported {identity} -> {args.output} ({len(data) / 2**20:.1f} MiB, opset {args.opset}, "
+    print(f"exported {identity} -> {args.output} ({'int8, ' if args.int8 else ''}{len(data) / 2**20:.1f} MiB, opset {args.opset}, "
           f"{seconds:.1f} s; {len(meta['categories'])} classes, outputs {', '.join(meta['outputs'])})", file=sys.stderr)
     return 0
 
