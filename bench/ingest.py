@@ -94,18 +94,18 @@ def make_dataset(args, bucket: str) -> str:
 
 
 def ray_stream(shards_uri: str, epochs: int, args, mark) -> int:
-    """`epochs` epochs back to back as jobs/train_loop.py reads them: detection_dataset (a new
+    """`epochs` epochs back to back as the training engine reads them: detection_dataset (a new
     per-image shuffle each epoch) -> iter_torch_batches(PixelCollate), uint8 batches ready for the
-    device, each next epoch started as the previous one starts (`StartedEpoch`). Counts the
+    device, each next epoch started as the previous one starts (`StartedBatches`). Counts the
     images after the first epoch; the epoch after the last is started and then stopped, so the
     counted epochs do the work of one head start in, as they do out (steady state)."""
-    from jobs.train_data import StartedEpoch
+    from pipelines.training.epochs import StartedBatches
     from pipelines.training.datasets import PixelCollate, detection_dataset
 
-    def start(epoch: int) -> StartedEpoch:
+    def start(epoch: int) -> StartedBatches:
         ds, _ = detection_dataset(shards_uri, image_size=args.resize, max_size=args.max_size, train=True,
                                   epoch=epoch, batch_size=args.batch_size)
-        return StartedEpoch(ds.iterator(), batch_size=args.batch_size, collate_fn=PixelCollate(), prefetch_batches=2)
+        return StartedBatches(ds.iterator(), batch_size=args.batch_size, collate_fn=PixelCollate(), prefetch_batches=2)
 
     count, upcoming = 0, start(0)
     for epoch in range(epochs):

@@ -21,7 +21,8 @@ import torch
 import retinanet
 from jobs import prepare, train
 from pipelines.evaluation import scoring as evaluation
-from pipelines.evaluation.report import frequency_ap, train_image_counts
+from pipelines.evaluation.report import frequency_ap
+from pipelines.formats.annotations import train_image_counts
 from pipelines.formats.synth import write_synth
 from pipelines.images.transforms import decode_image
 

@@ -12,7 +12,7 @@ import ray
 from PIL import Image
 
 from pipelines import storage
-from pipelines.training.datasets import DetectionCollate, detection_dataset, image_files_dataset, read_manifest
+from pipelines.training.datasets import DetectionCollate, PixelCollate, detection_dataset, read_manifest
 from pipelines.errors import UserError
 from pipelines.formats.prepare import prepare
 from pipelines.images.transforms import preprocess_images_batch
@@ -118,7 +118,19 @@ def test_resumed_epoch_keeps_its_order_without_trained_rows(s3_shards):
     assert rest == order[10:]
 
 
-def test_custom_image_folder_on_s3(ray_local, s3_bucket):
+def _image_folder_rows(uri: str):
+    """A folder of images read as jobs.infer reads it: the plan's units of URIs, each read."""
+    import pyarrow as pa
+
+    from pipelines.inference.plan import input_units
+    from pipelines.inference.units import read_uris
+
+    kind, units = input_units(uri, None, 100)
+    assert kind == "images"
+    return pa.concat_tables([read_uris(unit, 0, len(unit["uris"])) for unit in units])
+
+
+def test_custom_image_folder_on_s3(s3_bucket):
     def jpeg(color, size=(40, 30)):
         buf = io.BytesIO()
         Image.new("RGB", size, color).save(buf, format="JPEG")
@@ -128,20 +140,19 @@ def test_custom_image_folder_on_s3(ray_local, s3_bucket):
              "sub/c.png": jpeg((0, 0, 255)), "sub/broken.jpeg": b"not really a jpeg", "notes.txt": b"skip me"}
     for name, data in files.items():
         storage.write_bytes_atomic(f"{s3_bucket}/in/{name}", data)
-    rows = sorted(image_files_dataset(f"{s3_bucket}/in").take_all(), key=lambda r: r["uri"])
+    table = _image_folder_rows(f"{s3_bucket}/in")
+    rows = sorted(table.to_pylist(), key=lambda r: r["uri"])
     assert [r["uri"] for r in rows] == sorted(f"{s3_bucket}/in/{n}" for n in files if n != "notes.txt")
     for row in rows:
         assert row["image"] == files[row["uri"].split("/in/", 1)[1]]
         assert row["image_id"] is None and row["error"] is None
 
-    ds = image_files_dataset(f"{s3_bucket}/in").map_batches(
-        preprocess_images_batch, batch_format="pyarrow", fn_kwargs={"min_size": 30, "max_size": 100})
-    batches = list(ds.iter_torch_batches(batch_size=10, collate_fn=DetectionCollate()))
-    assert len(batches) == 1 and batches[0]["images"].shape[0] == 4
-    table = ds.select_columns(["uri", "error", "height", "width"]).take_all()
-    errors = {r["uri"].rsplit("/", 1)[-1]: r["error"] for r in table}
+    decoded = preprocess_images_batch(table, min_size=30, max_size=100)
+    assert PixelCollate(32)(decoded)["pixels"].shape[0] == 4
+    errors = {u.rsplit("/", 1)[-1]: e for u, e in zip(decoded["uri"].to_pylist(), decoded["error"].to_pylist())}
     assert errors["broken.jpeg"].startswith("cannot decode") and errors["a.jpg"] is None
-    assert {r["uri"].rsplit("/", 1)[-1]: (r["height"], r["width"]) for r in table}["B.JPG"] == (60, 30)
+    sizes = {u.rsplit("/", 1)[-1]: (h, w) for u, h, w in zip(*(decoded[c].to_pylist() for c in ("uri", "height", "width")))}
+    assert sizes["B.JPG"] == (60, 30)
 
 
 def test_readers_name_the_fix_for_bad_uris(tmp_path, s3_server):
@@ -151,9 +162,9 @@ def test_readers_name_the_fix_for_bad_uris(tmp_path, s3_server):
         detection_dataset(str(tmp_path), image_size=64, max_size=64, train=True)
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(UserError, match="no .jpg/.jpeg/.png files"):
-        image_files_dataset(str(tmp_path))
+        _image_folder_rows(str(tmp_path))
     with pytest.raises(UserError, match="not found"):
-        image_files_dataset("s3://no-such-bucket-yy/images")
+        _image_folder_rows("s3://no-such-bucket-yy/images")
 
 
 def _shard_rows(width: int, height: int, n: int = 6):
@@ -195,14 +206,15 @@ def test_training_decode_honours_the_pixel_limit_and_the_flag_reaches_it():
     import pyarrow as pa
 
     from jobs import train
+    from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
     from pipelines.images.transforms import preprocess_batch
 
     rows = pa.concat_tables([_shard_rows(64, 64, n=2), _shard_rows(16, 16, n=2)])
     kept = preprocess_batch(rows, category_ids=[1], min_size=16, max_size=64, train=False, max_pixels=1000)
     assert kept["orig_width"].tolist() == [16, 16], "the 64x64 PNGs (4096 px) are above a 1000-pixel limit"
     assert len(preprocess_batch(rows, category_ids=[1], min_size=16, max_size=64, train=False)["pixels"]) == 4
-    assert train.resolve_options(["--data", "d", "--output", "o", "--max-pixels", "1000"])["max_pixels"] == 1000
-    assert train.resolve_options(["--data", "d", "--output", "o"])["max_pixels"] == train.DEFAULT_MAX_PIXELS
+    assert train.resolve_options(["--data", "d", "--output", "o", "--max-pixels", "1000"]).max_pixels == 1000
+    assert train.resolve_options(["--data", "d", "--output", "o"]).max_pixels == DEFAULT_MAX_PIXELS
 
 
 def test_training_workers_reserve_the_cpus_of_their_step():
@@ -210,7 +222,7 @@ def test_training_workers_reserve_the_cpus_of_their_step():
     from jobs import train
 
     def resources(*flags):
-        return train.worker_resources(train.resolve_options(["--data", "d", "--output", "o", *flags]))
+        return train.resolve_options(["--data", "d", "--output", "o", *flags]).worker_resources()
 
     assert resources() == {"CPU": 1}
     assert resources("--use-gpu") == {"CPU": 2}

@@ -12,7 +12,7 @@ from test_prepare import png, read_shards
 
 from jobs.cli import run
 from jobs.prepare import main
-from jobs.train_validation import ground_truth
+from pipelines.formats.annotations import shards_ground_truth
 from pipelines.evaluation.scoring import coco_stats
 
 
@@ -60,7 +60,7 @@ def test_bccd_copy_gives_the_json_boxes(ray_local, bccd_yolo, tmp_path):
 
     # Class index 0 is an ordinary category id end to end: ground truth rebuilt from the shards,
     # scored against itself, is perfect for every class.
-    gt = ground_truth(str(tmp_path / "out"), manifest.categories)
+    gt = shards_ground_truth(str(tmp_path / "out"), manifest.categories)
     results = np.array([[a["image_id"], *a["bbox"], 1.0, a["category_id"]] for a in gt["annotations"]])
     stats = coco_stats(gt, results)
     assert stats["AP"] == pytest.approx(1.0) and {a["category_id"] for a in gt["annotations"]} == {0, 1, 2}

@@ -130,7 +130,7 @@ def test_prior_zero_gives_zero_bias_and_default_gives_the_paper_prior(cls_loss):
 
 def test_train_flags_reach_the_model_config():
     from jobs import train
-    from jobs.train_init import model_setup
+    from pipelines.training.init import model_setup
 
     options = train.resolve_options(["--data", "d", "--output", "o", "--cls-loss", "ohem", "--focal-gamma", "0",
                                      "--focal-alpha", "0.75", "--prior-prob", "0", "--ohem-batch", "256",

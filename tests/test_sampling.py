@@ -64,7 +64,7 @@ def long_tail_shards(ray_local, tmp_path_factory):
 
 def test_training_stream_repeats_rare_images(long_tail_shards):
     from pipelines.training.datasets import detection_dataset
-    from pipelines.evaluation.report import category_image_pairs, train_image_counts
+    from pipelines.formats.annotations import category_image_pairs, train_image_counts
 
     plain, manifest = detection_dataset(long_tail_shards, image_size=64, max_size=64, train=True)
     plain_ids = [int(i) for i in plain.select_columns(["image_id"]).to_pandas()["image_id"]]
@@ -101,7 +101,7 @@ def test_seesaw_training_with_repeat_factor_sampling(long_tail_shards, tmp_path)
 
     import retinanet
     from jobs import train
-    from pipelines.evaluation.report import category_image_pairs, train_image_counts
+    from pipelines.formats.annotations import category_image_pairs, train_image_counts
 
     output = tmp_path / "run"
     assert train.main(["--data", long_tail_shards, "--output", str(output), "--cls-loss", "seesaw",

@@ -15,7 +15,8 @@ import torch
 
 import retinanet
 from jobs import prepare, train
-from jobs.train_loop import STATE_FILE, lr_factor, momentum_checksum
+from pipelines.training.engine import STATE_FILE, lr_factor
+from pipelines.training.test_hooks import momentum_checksum
 from pipelines import storage
 from pipelines.training.sampling import MAX_COPIES
 from pipelines.formats.synth import write_synth
@@ -157,9 +158,9 @@ def test_config_values_are_typed_by_the_flags_parser(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("lr: 1e-3\nbatch_size: 2\nuse_gpu: false\nscale_jitter: [0.8, 1.2]\nepochs: 3\n")
     options = train.resolve_options(["--config", str(config), "--data", "d", "--output", "o", "--max-steps", "9"])
-    assert options["lr"] == 0.001 and isinstance(options["lr"], float)  # YAML reads 1e-3 as a string
-    assert options["batch_size"] == 2 and options["scale_jitter"] == [0.8, 1.2] and options["use_gpu"] is False
-    assert options["max_steps"] == 9 and options["epochs"] is None, "the command line's run length wins"
+    assert options.lr == 0.001 and isinstance(options.lr, float)  # YAML reads 1e-3 as a string
+    assert options.batch_size == 2 and options.scale_jitter == [0.8, 1.2] and options.use_gpu is False
+    assert options.max_steps == 9 and options.epochs is None, "the command line's run length wins"
     config.write_text("batch_size: eight\n")
     with pytest.raises(UserError, match=r"c\.yaml: argument --batch-size: invalid int value: 'eight'"):
         train.resolve_options(["--config", str(config), "--data", "d", "--output", "o"])
@@ -227,28 +228,28 @@ def test_missing_shard_fails_before_ray_starts(tmp_path):
 
 
 def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_local):
-    """StartedEpoch asks for its first batch at once, in a thread (the next epoch's shuffle runs
+    """StartedBatches asks for its first batch at once, in a thread (the next epoch's shuffle runs
     while the current epoch trains); iterating it later gives every row once, a failure in the
     data surfaces in the training thread, and `close` stops an epoch a run no longer needs."""
     import ray
 
-    from jobs.train_data import StartedEpoch
+    from pipelines.training.epochs import StartedBatches
 
     def fail_on_row_5(batch):  # defined here: Ray's workers cannot import the test module
         if 5 in batch["id"]:
             raise ValueError("boom at row 5")
         return batch
 
-    started = StartedEpoch(ray.data.range(10).iterator(), batch_size=4)
+    started = StartedBatches(ray.data.range(10).iterator(), batch_size=4)
     started._thread.join(timeout=120)
-    assert not started._thread.is_alive() and started._first is not StartedEpoch._END, "fetched before iterating"
+    assert not started._thread.is_alive() and started._first is not StartedBatches._END, "fetched before iterating"
     batches = [b["id"].tolist() for b in started]
     assert sorted(sum(batches, [])) == list(range(10)) and [len(b) for b in batches] == [4, 4, 2]
-    assert list(StartedEpoch(ray.data.range(10).filter(lambda row: False).iterator(), batch_size=4)) == []
-    failing = StartedEpoch(ray.data.range(8, override_num_blocks=2).map_batches(fail_on_row_5).iterator(), batch_size=4)
+    assert list(StartedBatches(ray.data.range(10).filter(lambda row: False).iterator(), batch_size=4)) == []
+    failing = StartedBatches(ray.data.range(8, override_num_blocks=2).map_batches(fail_on_row_5).iterator(), batch_size=4)
     with pytest.raises(Exception, match="boom at row 5"):
         list(failing)
-    ahead = StartedEpoch(ray.data.range(1000, override_num_blocks=50).iterator(), batch_size=10)
+    ahead = StartedBatches(ray.data.range(1000, override_num_blocks=50).iterator(), batch_size=10)
     ahead.close()  # a run that ends before the epoch it started: the execution stops
     assert list(ahead) == []
 
@@ -256,7 +257,7 @@ def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_loc
 def test_next_epoch_input_starts_early_enough_and_no_earlier():
     """The next epoch starts `1.5 x ready time` (in steps) plus 2 steps before this one ends:
     earlier, its finished first blocks would wait unread while Ray Data's loop spins."""
-    from jobs.train_data import next_epoch_start_step
+    from pipelines.training.epochs import next_epoch_start_step
 
     assert next_epoch_start_step(100, ready_seconds=4.0, step_seconds=0.5) == 100 - 12 - 2
     assert next_epoch_start_step(100, ready_seconds=0.0, step_seconds=0.5) == 98

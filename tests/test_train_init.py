@@ -3,6 +3,7 @@
 The job's own option path is used (`resolve_options` -> `model_setup` on the driver ->
 `initial_model` on a worker); weights come from seeded files in tmp, never from the internet.
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn, retinanet_resne
 
 import retinanet
 from jobs import train
-from jobs.train_init import initial_model, model_setup
+from pipelines.training.init import initial_model, model_setup
 from pipelines.errors import UserError
 from pipelines.training.datasets import training_manifest
 from retinanet.weights import transfer_weights
@@ -24,7 +25,7 @@ def _setup(synth_coco, tmp_path, *flags):
     options = train.resolve_options(["--data", str(synth_coco), "--output", str(tmp_path / "out"), *flags])
     categories = training_manifest(str(synth_coco)).categories
     model, weights = model_setup(options, categories)
-    return {**options, "model": model, "categories": categories, "backbone_weights": weights}
+    return dataclasses.replace(options, model=model, categories=categories, backbone_weights=weights)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +46,14 @@ def test_frozen_bn_without_pretrained_weights_is_refused(synth_coco, tmp_path):
     with pytest.raises(UserError, match="frozen BatchNorm needs pretrained.*--norm sync_bn or --norm group_norm"):
         _setup(synth_coco, tmp_path, "--preset", "r50", "--backbone-weights", "none")
     cfg = _setup(synth_coco, tmp_path, "--preset", "r50", "--backbone-weights", "none", "--norm", "group_norm")
-    assert cfg["model"]["norm"] == "group_norm" and cfg["model"]["trainable_layers"] == 5
+    assert cfg.model["norm"] == "group_norm" and cfg.model["trainable_layers"] == 5
     model = initial_model(cfg)
     assert all(p.requires_grad for p in model.parameters()), "from scratch: every layer trains"
 
 
 def test_backbone_weights_file_equals_torchvision_resnet(synth_coco, tmp_path, resnet50_file):
     cfg = _setup(synth_coco, tmp_path, "--preset", "r50", "--backbone-weights", str(resnet50_file))
-    assert cfg["model"]["norm"] == "frozen_bn" and cfg["backbone_weights"] == str(resnet50_file)
+    assert cfg.model["norm"] == "frozen_bn" and cfg.backbone_weights == str(resnet50_file)
     ours = initial_model(cfg).backbone.body
     reference = resnet50(weights=None)
     reference.load_state_dict(torch.load(resnet50_file, weights_only=True))
@@ -102,8 +103,8 @@ def torchvision_v2(tmp_path_factory):
 def test_fine_tune_from_torchvision_file_gives_its_detections(synth_coco, tmp_path, torchvision_v2):
     tv, path = torchvision_v2
     cfg = _setup(synth_coco, tmp_path, "--init", str(path), "--image-size", "128", "--max-size", "128")
-    assert cfg["model"]["p6_from"] == "c5" and cfg["model"]["head_norm"] == "group"
-    assert cfg["model"]["norm"] == "frozen_bn" and cfg["model"]["num_classes"] == 3
+    assert cfg.model["p6_from"] == "c5" and cfg.model["head_norm"] == "group"
+    assert cfg.model["norm"] == "frozen_bn" and cfg.model["num_classes"] == 3
     ours = initial_model(cfg).eval()
     torch.manual_seed(2)
     images = [torch.rand(3, 128, 128), torch.rand(3, 96, 128)]
@@ -135,7 +136,7 @@ def test_v1_donor_keeps_p6_from_p5(synth_coco, tmp_path):
     path = tmp_path / "v1.pth"
     torch.save(retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5).state_dict(), path)
     cfg = _setup(synth_coco, tmp_path, "--init", str(path))
-    assert cfg["model"]["p6_from"] == "p5" and cfg["model"]["head_norm"] is None and cfg["model"]["num_classes"] == 3
+    assert cfg.model["p6_from"] == "p5" and cfg.model["head_norm"] is None and cfg.model["num_classes"] == 3
     model = initial_model(cfg)
     assert model.backbone.fpn.extra_blocks.p6.weight.shape[1] == 256  # from P5, not C5 (2048)
     with pytest.raises(UserError, match="--init brings its own backbone"):

@@ -12,14 +12,10 @@ import io
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipelines.formats import shards
 from pipelines import storage
-from pipelines.errors import UserError
-from pipelines.evaluation.scoring import FREQUENCIES, STAT_NAMES, Evaluation, load_json
+from pipelines.evaluation.scoring import FREQUENCIES, STAT_NAMES, Evaluation
+from pipelines.formats.annotations import category_image_pairs, train_image_counts  # noqa: F401 - the report's inputs
 
 # LVIS (Gupta et al. 2019): rare 1-10 training images, common 11-100, frequent > 100.
 FREQUENCY_GROUPS = (("rare", 1, 10), ("common", 11, 100), ("frequent", 101, None))
@@ -101,53 +97,6 @@ def per_category(evaluation: Evaluation, ground_truth: dict, results: np.ndarray
 def lvis_frequencies(ground_truth: dict) -> dict[int, str]:
     """Category id -> 'rare' / 'common' / 'frequent', from LVIS categories' `frequency` (r, c, f)."""
     return {int(c["id"]): FREQUENCIES[c["frequency"]] for c in ground_truth["categories"]}
-
-
-def train_image_counts(uri: str) -> dict[int, int]:
-    """Training images per category id, from whatever describes the training set at `uri`.
-
-    Accepted: a COCO annotations json (distinct images per category), a json whose categories
-    carry `image_count` (the LVIS convention), or the shards folder / `manifest.json` of
-    jobs.prepare (its shards' `category_id` column is read; image bytes are not).
-    """
-    if uri.rstrip("/").endswith(".json") and not uri.rstrip("/").endswith(shards.MANIFEST):
-        data = load_json(uri)
-        categories = data.get("categories") if isinstance(data, dict) else None
-        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-            pairs = [(a["category_id"], a["image_id"]) for a in data["annotations"]]
-            return _images_per_category(np.array(pairs, dtype=np.int64).reshape(-1, 2))
-        if isinstance(categories, list) and categories and all("image_count" in c for c in categories):
-            return {int(c["id"]): int(c["image_count"]) for c in categories}
-        raise UserError(f"{uri}: no per-category training image counts; give the training COCO json, "
-                        "a json whose categories carry 'image_count', or the jobs.prepare output folder")
-    return _images_per_category(category_image_pairs(uri))
-
-
-def category_image_pairs(uri: str) -> np.ndarray:
-    """(category_id, image_id) of every annotation in the jobs.prepare output at `uri`."""
-    manifest = shards.read_manifest(uri)
-    pairs = [_category_image_pairs(shard) for shard in shards.shard_uris(uri, manifest)]
-    return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
-
-
-def _category_image_pairs(shard_uri: str) -> np.ndarray:
-    """(category_id, image_id) of every annotation in one shard, from two columns only."""
-    fs, path = storage.arrow_filesystem(shard_uri)
-    try:
-        table = pq.read_table(path, filesystem=fs, columns=["image_id", "category_id"])
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{shard_uri}: cannot read columns image_id, category_id ({str(exc).splitlines()[0]}); "
-                        "rerun jobs.prepare") from None
-    cats = table.column("category_id").combine_chunks()
-    rows = pc.list_parent_indices(cats).to_numpy()
-    image_ids = table.column("image_id").to_numpy()[rows]
-    return np.stack([pc.list_flatten(cats).to_numpy(zero_copy_only=False).astype(np.int64), image_ids], axis=1)
-
-
-def _images_per_category(pairs: np.ndarray) -> dict[int, int]:
-    """Distinct images per category from (category_id, image_id) pairs."""
-    ids, counts = np.unique(np.unique(pairs, axis=0)[:, 0], return_counts=True)
-    return dict(zip(ids.tolist(), counts.tolist()))
 
 
 def frequency_group(train_images: int) -> str | None:

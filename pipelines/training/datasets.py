@@ -1,13 +1,9 @@
-"""Ray Data datasets for training, evaluation and batch inference.
+"""Ray Data datasets for training and validation.
 
-- `detection_dataset`: prepared shards (manifest.json) or a COCO layout (images/ +
-  annotations.json) -> streaming rows ready for `collate_detection_batch`, one epoch per
-  dataset for training (images in a seeded order per (seed, epoch)); decoded, resized and
-  flipped in CPU tasks.
-- `image_files_dataset`: a folder or bucket prefix of JPEG/PNG files (recursive) -> rows
-  ``uri`` string, ``image`` binary (encoded bytes; null if unreadable), ``image_id`` int64
-  (always null), ``error`` string (null when read), for batch inference. A file that cannot
-  be read becomes a row with an error instead of failing the run, so every input gets a row.
+`detection_dataset`: prepared shards (manifest.json) or a COCO layout (images/ +
+annotations.json) -> streaming rows ready for `collate_detection_batch`, one epoch per dataset
+for training (images in a seeded order per (seed, epoch)); decoded, resized and flipped in CPU
+tasks.
 """
 from __future__ import annotations
 
@@ -23,11 +19,12 @@ from pipelines.formats import coco
 from pipelines.formats import shards
 from pipelines import storage
 from pipelines.errors import UserError
-from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, IMAGE_SUFFIXES, Manifest, input_kind, read_manifest
+from pipelines.formats.annotations import train_image_counts
+from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, Manifest, input_kind, read_manifest
 from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.images.collate import arrow_columns, collate_detection_batch, collate_pixels
 from pipelines.images.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
-from pipelines.training.sampling import drop_keys, repeat_rows
+from pipelines.training.sampling import category_repeat_factors, drop_keys, repeat_rows
 from pipelines.training.shuffle import WINDOW_BYTES, shuffled_epoch
 
 log = logging.getLogger(__name__)
@@ -115,9 +112,6 @@ def detection_dataset(
         if train:
             factors = None
             if repeat_factor_threshold:
-                from pipelines.evaluation.report import train_image_counts
-                from pipelines.training.sampling import category_repeat_factors
-
                 factors = category_repeat_factors(train_image_counts(uri), manifest.num_images, repeat_factor_threshold)
             ds = shuffled_epoch(shards.shard_uris(uri, manifest), manifest.shards, columns, seed=seed,
                                 epoch_seed=epoch_seed(seed, epoch), epoch=epoch, factors=factors,
@@ -231,28 +225,6 @@ def _attach_images(batch: pa.Table, images_uri: str) -> pa.Table:
         kept.append(rec)
         images.append(data)
     return shards.records_table(kept, images)
-
-
-def image_files_dataset(uri: str) -> ray.data.Dataset:
-    """Every .jpg/.jpeg/.png under `uri` (recursive, sorted), one row per file (see module doc)."""
-    uris = storage.list_files(uri, suffixes=IMAGE_SUFFIXES)
-    if not uris:
-        raise UserError(f"{uri}: no {'/'.join(IMAGE_SUFFIXES)} files found; check the folder or prefix")
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=_num_blocks(len(uris)))
-    return ds.map_batches(_read_image_files, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK)
-
-
-def _read_image_files(batch: pa.Table) -> pa.Table:
-    uris = batch["uri"].to_pylist()
-    loc = storage.resolve(uris[0]) if uris else None
-    fetched = storage.read_many(loc, [storage.resolve(u).path for u in uris]) if uris else []
-    return pa.table({
-        "uri": pa.array(uris, pa.string()),
-        "image": pa.array([None if isinstance(d, Exception) else d for d in fetched], pa.binary()),
-        "image_id": pa.nulls(len(uris), pa.int64()),
-        "error": pa.array([f"cannot read: {type(d).__name__}" if isinstance(d, Exception) else None
-                           for d in fetched], pa.string()),
-    })
 
 
 def _num_blocks(num_rows: int) -> int:

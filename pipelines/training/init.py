@@ -21,6 +21,7 @@ import torch
 import retinanet
 from pipelines import storage
 from pipelines.errors import UserError
+from pipelines.training.config import LOSS_OPTIONS, TrainConfig
 from retinanet import weights as model_weights
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -83,58 +84,56 @@ def donor_model(init: str) -> retinanet.RetinaNet:
         raise UserError(f"{what}: {exc}") from None
 
 
-def training_overrides(options: dict, categories: list[dict]) -> dict:
+def training_overrides(cfg: TrainConfig, categories: list[dict]) -> dict:
     """Model config fields the run sets whatever its starting weights: classes, losses, input size."""
-    from jobs.train import LOSS_OPTIONS
-
-    overrides = {"num_classes": len(categories), "cls_loss": options["cls_loss"]}
-    overrides.update({k: options[k] for k in LOSS_OPTIONS if options.get(k) is not None})
-    if options["image_size"]:
-        overrides["min_size"] = options["image_size"]
-        overrides["max_size"] = options["max_size"] or int(round(options["image_size"] * 1333 / 800))
+    overrides = {"num_classes": len(categories), "cls_loss": cfg.cls_loss}
+    overrides.update({k: getattr(cfg, k) for k in LOSS_OPTIONS if getattr(cfg, k) is not None})
+    if cfg.image_size:
+        overrides["min_size"] = cfg.image_size
+        overrides["max_size"] = cfg.max_size or int(round(cfg.image_size * 1333 / 800))
     return overrides
 
 
-def model_setup(options: dict, categories: list[dict]) -> tuple[dict, str | None]:
+def model_setup(cfg: TrainConfig, categories: list[dict]) -> tuple[dict, str | None]:
     """(model config as a dict, --backbone-weights to load or None), checked as a user would be told.
 
     Runs on the driver; downloads or reads the weights once, so a missing file or no internet
     fails here, before Ray starts.
     """
-    overrides = training_overrides(options, categories)
-    if options["init"]:
-        if options.get("norm") or options.get("backbone_weights"):
+    overrides = training_overrides(cfg, categories)
+    if cfg.init:
+        if cfg.norm or cfg.backbone_weights:
             raise UserError("--init brings its own backbone and norm; drop --backbone-weights/--norm")
         try:
-            cfg = model_weights.fine_tune_config(donor_model(options["init"]).config, **overrides)
+            model = model_weights.fine_tune_config(donor_model(cfg.init).config, **overrides)
         except ValueError as exc:
-            raise UserError(f"--init {options['init']}: {exc}") from None
-        return cfg.to_dict(), None
-    if options.get("norm"):
-        overrides["norm"] = options["norm"]
-    cfg = retinanet.preset(options["preset"], **overrides)
-    spec = options.get("backbone_weights")
-    if spec is None and cfg.norm == "frozen_bn":
-        spec = model_weights.IMAGENET_WEIGHTS[cfg.backbone]  # the paper: ImageNet-pretrained, BN frozen
+            raise UserError(f"--init {cfg.init}: {exc}") from None
+        return model.to_dict(), None
+    if cfg.norm:
+        overrides["norm"] = cfg.norm
+    model = retinanet.preset(cfg.preset, **overrides)
+    spec = cfg.backbone_weights
+    if spec is None and model.norm == "frozen_bn":
+        spec = model_weights.IMAGENET_WEIGHTS[model.backbone]  # the paper: ImageNet-pretrained, BN frozen
     if spec in (None, NO_WEIGHTS):
-        if cfg.norm == "frozen_bn":
-            raise UserError(f"--preset {options['preset']}: frozen BatchNorm needs pretrained statistics; pass "
-                            f"--backbone-weights {model_weights.IMAGENET_WEIGHTS[cfg.backbone]} (or a state-dict file), "
-                            f"or train from scratch with --norm sync_bn or --norm group_norm (all layers trainable)")
-        return cfg.replace(trainable_layers=5).to_dict(), None  # from scratch: nothing stays frozen
+        if model.norm == "frozen_bn":
+            raise UserError(f"--preset {cfg.preset}: frozen BatchNorm needs pretrained statistics; pass "
+                            f"--backbone-weights {model_weights.IMAGENET_WEIGHTS[model.backbone]} (or a state-dict "
+                            f"file), or train from scratch with --norm sync_bn or --norm group_norm (all layers trainable)")
+        return model.replace(trainable_layers=5).to_dict(), None  # from scratch: nothing stays frozen
     try:
-        retinanet.RetinaNet(cfg, backbone_weights=backbone_state(spec))  # fails now on a file that does not fit
+        retinanet.RetinaNet(model, backbone_weights=backbone_state(spec))  # fails now on a file that does not fit
     except ValueError as exc:
         raise UserError(f"--backbone-weights {spec}: {exc}") from None
-    return cfg.to_dict(), spec
+    return model.to_dict(), spec
 
 
-def initial_model(cfg: dict) -> retinanet.RetinaNet:
+def initial_model(cfg: TrainConfig) -> retinanet.RetinaNet:
     """The model a worker starts from (before any checkpoint of the run is loaded)."""
-    config = retinanet.RetinaNetConfig.from_dict(cfg["model"])
-    if cfg.get("init"):
-        model = retinanet.RetinaNet(config, categories=cfg["categories"])
-        model_weights.transfer_weights(donor_model(cfg["init"]), model)
+    config = retinanet.RetinaNetConfig.from_dict(cfg.model)
+    if cfg.init:
+        model = retinanet.RetinaNet(config, categories=cfg.categories)
+        model_weights.transfer_weights(donor_model(cfg.init), model)
         return model
-    weights = backbone_state(cfg["backbone_weights"]) if cfg.get("backbone_weights") else None
-    return retinanet.RetinaNet(config, categories=cfg["categories"], backbone_weights=weights)
+    weights = backbone_state(cfg.backbone_weights) if cfg.backbone_weights else None
+    return retinanet.RetinaNet(config, categories=cfg.categories, backbone_weights=weights)

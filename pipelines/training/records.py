@@ -1,4 +1,5 @@
-"""What a training run leaves beside its checkpoints: metrics lines, TensorBoard events, its config.
+"""What a training run leaves beside its checkpoints: metrics lines, TensorBoard events, its
+config, the loss curve; and the console line of each record.
 
 Rank 0 keeps the lines since the last flush in memory and writes them as one chunk
 (``metrics/chunk-<step><part>.jsonl``) at every checkpoint and epoch end, so bytes written grow with
@@ -13,12 +14,16 @@ of a folder). MLflow (`--logger mlflow`): metrics to the tracking server of MLFL
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 import tempfile
+import time
 
 from pipelines import storage
 from pipelines.errors import UserError
+from pipelines.training.config import TrainConfig
 
 LOGGERS = ("tensorboard", "mlflow", "none")
 CHUNKS = "metrics"
@@ -102,10 +107,74 @@ def join_metrics(output: str) -> str:
     return target
 
 
-def save_config(output: str, cfg: dict) -> str:
-    """The resolved options and model config as YAML beside the run (reusable with --config)."""
+def save_config(cfg: TrainConfig) -> str:
+    """The resolved options and model config as YAML beside the run."""
     import yaml
 
-    uri = storage.resolve(output).join("config.yaml").uri()
-    storage.write_bytes_atomic(uri, yaml.safe_dump(cfg, sort_keys=True).encode())
+    uri = storage.resolve(cfg.output).join("config.yaml").uri()
+    storage.write_bytes_atomic(uri, yaml.safe_dump(cfg.to_dict(), sort_keys=True).encode())
     return uri
+
+
+def plot_loss_curve(metrics_uri: str, png_uri: str) -> None:
+    """loss_curve.png: each loss term of the metrics lines over the steps, on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in storage.read_bytes(metrics_uri).decode().splitlines() if line]
+    records = [r for r in records if "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "classification", "bbox_regression", "objectness"):
+        if any(key in r for r in records):
+            ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes_atomic(png_uri, buffer.getvalue())
+
+
+def log(records: RunRecords | None, metrics: dict, flush_step: int | None) -> None:
+    """Rank 0: the metrics line (a chunk at checkpoints and epoch ends) and one console line."""
+    if records is None:
+        return
+    records.append(metrics)
+    if flush_step is not None:
+        records.flush(flush_step, "b" if metrics.get("event") == "epoch_end" else "a")
+    # straight to the stream: Ray Train's patched print() would show the line twice
+    sys.stdout.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "time") + "\n")
+    sys.stdout.flush()
+
+
+class Window:
+    """Loss averages, images/s and the fraction of time spent waiting for data since the last log."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.steps, self.images, self.wait = {}, 0, 0, 0.0
+        self.started = self.last_fetch = time.perf_counter()
+
+    def fetch_started(self) -> None:
+        self.last_fetch = time.perf_counter()
+
+    def fetched(self) -> None:
+        self.wait += time.perf_counter() - self.last_fetch
+
+    def add(self, images: int, losses: dict[str, float]) -> None:
+        self.steps += 1
+        self.images += images
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {**{k: v / max(1, self.steps) for k, v in self.sums.items()},
+                "images_per_s": self.images / elapsed, "data_wait_fraction": self.wait / elapsed}
