@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import project_deps, submit, submit_env
+from jobs import project_deps, submit
+from jobs.submit import runtime_env
 from pipelines.errors import UserError
 from ray_head import TcpProxy, clean_env, free_port
 
@@ -201,17 +202,17 @@ def test_runtime_env_requirements_come_from_pyproject_without_ray(monkeypatch):
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_CA_BUNDLE", "/only/on/this/laptop.pem")  # a local path: stays here
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    env = submit_env.build_runtime_env(REPO, "project", {"X": "1"})
+    env = runtime_env.build_runtime_env(REPO, "project", {"X": "1"})
     assert env["working_dir"] == str(REPO)
     assert "excludes" not in env  # the repository has its own .rayignore, which Ray reads
     assert any(req.startswith("torch") for req in env["pip"])
     assert any(req.startswith("tqdm") for req in env["pip"])
     assert not any(req.lower().startswith("ray") for req in env["pip"])
     assert env["env_vars"] == {"AWS_REGION": "eu-west-1", "X": "1"}
-    bare = submit_env.build_runtime_env(REPO, "none", {}, forward_settings=False)
+    bare = runtime_env.build_runtime_env(REPO, "none", {}, forward_settings=False)
     assert "pip" not in bare and "env_vars" not in bare
     with pytest.raises(UserError, match="no such file"):
-        submit_env.build_runtime_env(REPO, "missing-reqs.txt", {})
+        runtime_env.build_runtime_env(REPO, "missing-reqs.txt", {})
 
 
 def test_project_deps_read_the_same_without_tomllib():
@@ -224,28 +225,28 @@ def test_secret_names_are_refused_unless_forwarded_by_name(monkeypatch, tmp_path
     _clear_aws(monkeypatch)
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GITHUB_TOKEN", "DB_PASSWORD",
                  "HF_API_KEY", "GOOGLE_APPLICATION_CREDENTIALS"):
-        assert submit_env.is_secret_name(name), name
+        assert runtime_env.is_secret_name(name), name
     for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "OMP_NUM_THREADS", "GREETING"):
-        assert not submit_env.is_secret_name(name), name
+        assert not runtime_env.is_secret_name(name), name
     with pytest.raises(UserError, match="--env DB_PASSWORD: looks like a secret"):
-        submit_env.build_runtime_env(tmp_path, "none", {"DB_PASSWORD": "x"})
+        runtime_env.build_runtime_env(tmp_path, "none", {"DB_PASSWORD": "x"})
     with pytest.raises(UserError, match="env_vars HF_TOKEN: looks like a secret"):
-        submit_env.build_runtime_env(tmp_path, "none", {},
+        runtime_env.build_runtime_env(tmp_path, "none", {},
                                      user_runtime_env={"env_vars": {"HF_TOKEN": "x"}})
     with pytest.raises(UserError, match="--forward-env NOPE_TOKEN: not set"):
-        submit_env.build_runtime_env(tmp_path, "none", {}, forward_names=["NOPE_TOKEN"])
+        runtime_env.build_runtime_env(tmp_path, "none", {}, forward_names=["NOPE_TOKEN"])
     monkeypatch.setenv("HF_TOKEN", "hf-value")
-    env = submit_env.build_runtime_env(tmp_path, "none", {}, forward_names=["HF_TOKEN"])
+    env = runtime_env.build_runtime_env(tmp_path, "none", {}, forward_names=["HF_TOKEN"])
     assert env["env_vars"] == {"HF_TOKEN": "hf-value"}
 
 
 def test_runtime_env_json_is_merged_over_the_projects(monkeypatch, tmp_path):
     _clear_aws(monkeypatch)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.local")
-    user = submit_env.parse_json_object(
+    user = runtime_env.parse_json_object(
         '{"env_vars": {"AWS_ENDPOINT_URL": "http://other", "A": "1"}, "excludes": ["/big"], '
         '"pip": ["requests"], "config": {"setup_timeout_seconds": 60}}', "--runtime-env-json")
-    env = submit_env.build_runtime_env(tmp_path, "none", {"B": "2"}, user_runtime_env=user)
+    env = runtime_env.build_runtime_env(tmp_path, "none", {"B": "2"}, user_runtime_env=user)
     assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://other", "A": "1", "B": "2"}
     assert env["excludes"][-1] == "/big" and "/.venv" in env["excludes"]  # project's .rayignore
     assert env["pip"] == ["requests"] and env["config"] == {"setup_timeout_seconds": 60}
@@ -365,7 +366,7 @@ def test_log_stream_reconnects_after_a_dropped_connection_and_prints_each_line_o
 
 def test_follow_gives_up_when_the_cluster_stops_answering(ray_head):
     """A head that goes away for good (the proxy never comes back): outcome unknown, exit 1."""
-    from jobs.submit_follow import follow
+    from jobs.submit.follow import follow
 
     upstream = int(ray_head["address"].rsplit(":", 1)[1])
     proxy = TcpProxy(upstream)

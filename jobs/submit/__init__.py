@@ -13,7 +13,7 @@ own exit code was. This module does each of those the way our users need, keeps 
 exit-code contract (0 ok, 2 user error in one line, 1 internal), and otherwise takes the same
 flags (entrypoint resources, a runtime env in JSON, `.rayignore` in the working dir).
 
-No secret leaves this machine by default (see jobs/submit_env.py): only storage settings
+No secret leaves this machine by default (see jobs/submit/runtime_env.py): only storage settings
 (endpoint, region) are forwarded; clusters hold their own credentials.
 """
 from __future__ import annotations
@@ -27,10 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from jobs.cli import run
-from jobs.submit_env import (FORWARD_WARNING, build_runtime_env, parse_env_pairs,
-                             parse_json_object)
-from jobs.submit_follow import follow
+from jobs.submit.follow import follow
+from jobs.submit.runtime_env import FORWARD_WARNING, build_runtime_env, parse_env_pairs, parse_json_object
 from pipelines.errors import UserError
 
 # The Jobs API answers 500 with this text while the head's agent is still starting.
@@ -295,7 +293,3 @@ def _first_line(text: str) -> str:
 
 def _say(message: str) -> None:
     print(f"submit: {message}", file=sys.stderr, flush=True)
-
-
-if __name__ == "__main__":
-    run(main)

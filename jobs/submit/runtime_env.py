@@ -18,7 +18,7 @@ from pathlib import Path
 from jobs import project_deps
 from pipelines.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Storage settings of this shell that the job needs to read the same URIs: not secrets.
 FORWARDED_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
                       "AWS_DEFAULT_REGION")
