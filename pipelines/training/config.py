@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
+from retinanet.config import RetinaNetConfig
 
 # Loss knobs for the paper's ablations (bench/ablation.py); None keeps the preset's value.
 LOSS_OPTIONS = ("focal_gamma", "focal_alpha", "prior_prob", "ohem_batch", "ohem_nms", "ohem_ratio")
@@ -103,6 +104,7 @@ class TrainConfig:
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+MODEL = RetinaNetConfig()  # the loss knobs' defaults, shown in their help
 
 
 def _number(kind: type, low: float, high: float = float("inf"), low_open: bool = False, high_open: bool = False):
@@ -140,13 +142,13 @@ def build_parser(prog: str = "python -m jobs.train", description: str | None = N
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default %(default)s)")
     p.add_argument("--cls-loss", choices=["focal", "seesaw", "ohem"], help="classification loss (default %(default)s; "
                    "seesaw: long-tailed data; ohem: the paper's hard-mining baseline)")
-    p.add_argument("--focal-gamma", type=_number(float, 0), help="focal loss gamma (default 2; 0 = alpha-balanced CE)")
-    p.add_argument("--focal-alpha", type=_number(float, 0, 1), help="focal loss alpha (default 0.25)")
+    p.add_argument("--focal-gamma", type=_number(float, 0), help=f"focal loss gamma (default {MODEL.focal_gamma:g}; 0 = alpha-balanced CE)")
+    p.add_argument("--focal-alpha", type=_number(float, 0, 1), help=f"focal loss alpha (default {MODEL.focal_alpha:g})")
     p.add_argument("--prior-prob", type=_number(float, 0, 1, high_open=True),
-                   help="prior for the class-logit bias (default 0.01; 0 = zero bias)")
-    p.add_argument("--ohem-batch", type=_number(int, 1), help="--cls-loss ohem: anchors kept per image (default 128)")
+                   help=f"prior for the class-logit bias (default {MODEL.prior_prob:g}; 0 = zero bias)")
+    p.add_argument("--ohem-batch", type=_number(int, 1), help=f"--cls-loss ohem: anchors kept per image (default {MODEL.ohem_batch})")
     p.add_argument("--ohem-nms", type=_number(float, 0, 1, low_open=True),
-                   help="--cls-loss ohem: IoU of the NMS by loss (default 0.5)")
+                   help=f"--cls-loss ohem: IoU of the NMS by loss (default {MODEL.ohem_nms:g})")
     p.add_argument("--ohem-ratio", type=_number(float, 0, low_open=True),
                    help="--cls-loss ohem: negatives per positive (3 = OHEM 1:3; default: none)")
     p.add_argument("--repeat-factor-threshold", type=float,
