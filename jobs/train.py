@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from jobs.cli import run
 from pipelines import storage
+from pipelines.formats.coverage import anchor_coverage, coverage_warning
 from pipelines.formats.shards import check_shards
 from pipelines.ray_runtime import ensure_ray
 from pipelines.training import config
@@ -29,6 +30,9 @@ from pipelines.training.engine import train_loop
 from pipelines.training.epochs import plan_epochs, steps_per_epoch
 from pipelines.training.init import model_setup
 from pipelines.training.records import check_logger, join_metrics, plot_loss_curve, save_config
+from retinanet.config import RetinaNetConfig
+
+COVERAGE_SHARDS, COVERAGE_SAMPLE = 8, 20_000  # the look before training (jobs.inspect reads everything)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +53,23 @@ def prepare_run(options: TrainConfig) -> tuple[TrainConfig, int]:
     if kinds[options.data] == "shards":
         check_shards(options.data, manifest)
     model, backbone_weights = model_setup(options, manifest.categories)
+    if kinds[options.data] == "shards":
+        warn_anchor_coverage(options.data, model)
     epoch_sizes, max_steps = plan_epochs(options, manifest.num_images)
     cfg = options.resolved(model=model, categories=manifest.categories, backbone_weights=backbone_weights,
                            epoch_sizes=epoch_sizes, max_steps=max_steps)
     storage.ensure_dir(cfg.output)
     return cfg, manifest.num_images
+
+
+def warn_anchor_coverage(data: str, model: dict) -> None:
+    """One line when many boxes have no anchor at IoU >= 0.5 at this image size (jobs.inspect
+    says more). A look at a few shards: seconds, whatever the dataset's size."""
+    coverage = anchor_coverage(data, RetinaNetConfig.from_dict(model), sample=COVERAGE_SAMPLE,
+                               max_shards=COVERAGE_SHARDS)
+    warning = coverage_warning(coverage)
+    if warning:
+        print(f"warning: {warning} (python -m jobs.inspect {data} for the details)", file=sys.stderr, flush=True)
 
 
 def validation_datasets(cfg: TrainConfig) -> dict:

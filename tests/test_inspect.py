@@ -120,3 +120,16 @@ def test_library_call_and_errors(synth_shards, tmp_path):
         inspect.scan(str(tmp_path))
     with pytest.raises(UserError, match="--sample"):
         inspect.scan(str(synth_shards), sample=0)
+
+
+def test_training_warns_in_one_line_from_a_few_shards(synth_shards, capsys):
+    from jobs import train
+
+    few = inspect.scan(str(synth_shards), max_shards=2)
+    assert 0 < few.num_images <= 20  # 2 of the 3 shards of 10, 10 and 4 images
+    # 64 px: the synthetic objects (down to a few px) fall below the tiny preset's 16 px anchors
+    train.warn_anchor_coverage(str(synth_shards), preset("tiny", min_size=64, max_size=107).to_dict())
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: anchor coverage:") and "--image-size" in err and len(err.splitlines()) == 1
+    train.warn_anchor_coverage(str(synth_shards), preset("r50", min_size=800, max_size=1333).to_dict())
+    assert capsys.readouterr().err == ""

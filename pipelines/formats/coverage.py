@@ -116,10 +116,10 @@ def _shares(best: np.ndarray, config: RetinaNetConfig) -> dict:
 
 
 def anchor_coverage(manifest_uri: str, config: RetinaNetConfig, sample: int = inspect.DEFAULT_SAMPLE,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, max_shards: int | None = None) -> dict:
     """Anchor coverage of the dataset at `manifest_uri` for `config` (anchors, min/max size):
     shares of boxes whose best anchor IoU is >= fg_iou, only a low-quality match, or none."""
-    scanned = inspect.scan(manifest_uri, sample=sample, seed=seed)
+    scanned = inspect.scan(manifest_uri, sample=sample, seed=seed, max_shards=max_shards)
     return coverage_report(scanned, config)
 
 

@@ -50,8 +50,9 @@ class Scan:
         return self.num_boxes > len(self.sample.get("key", ()))
 
 
-def scan(uri: str, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> Scan:
-    """Read the annotation columns of every shard at `uri` (a jobs.prepare folder or its manifest)."""
+def scan(uri: str, sample: int = DEFAULT_SAMPLE, seed: int = 0, max_shards: int | None = None) -> Scan:
+    """Read the annotation columns of every shard at `uri` (a jobs.prepare folder or its manifest),
+    or of `max_shards` of them spread evenly over the list (a quick look before training)."""
     if sample < 1:
         raise UserError(f"--sample {sample}: give a number of boxes >= 1")
     manifest = shards.read_manifest(uri)
@@ -62,6 +63,8 @@ def scan(uri: str, sample: int = DEFAULT_SAMPLE, seed: int = 0) -> Scan:
                   crowd_per_class=np.zeros(k, np.int64), images_per_class=np.zeros(k, np.int64),
                   sample={f: np.zeros(0) for f in _SAMPLE_FIELDS}, sample_limit=sample)
     uris = shards.shard_uris(uri, manifest)
+    if max_shards is not None and len(uris) > max_shards:
+        uris = [uris[i] for i in np.linspace(0, len(uris) - 1, max_shards).round().astype(int)]
     with ThreadPoolExecutor(max_workers=max(1, min(_READ_THREADS, len(uris)))) as pool:
         for part in pool.map(lambda a: _scan_shard(*a, category_ids, sample, seed), enumerate(uris)):
             for name in ("num_images", "num_boxes", "num_crowd", "num_unknown_category", "num_empty_images"):
