@@ -34,11 +34,12 @@ import pyarrow as pa
 from jobs.cli import run
 from pipelines import storage
 from pipelines.errors import UserError
+from pipelines.formats import shards
+from pipelines.formats.shards import IMAGE_SUFFIXES
 from pipelines.images.transforms import preprocess_images_batch
 from pipelines.inference import runtimes
 
 CHECK_IMAGES = 4
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,33 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_images(uri: str | None, count: int = CHECK_IMAGES) -> list[bytes]:
-    """Encoded images to check on: the first `count` of a folder, or generated shapes."""
+def check_images(uri: str | None, count: int = CHECK_IMAGES, flag: str = "--check-images") -> list[bytes]:
+    """Encoded images to check on: the first `count` of a folder (listed page by page, so a
+    bucket of millions costs one page), or generated shapes."""
     if uri is None:
         from pipelines.formats.synth import class_probabilities, generate_image
 
         return [generate_image(i, seed=0, image_size=480, class_probs=class_probabilities(3))[0] for i in range(count)]
-    files = sorted(storage.list_files(uri, IMAGE_SUFFIXES))[:count]
+    files: list[str] = []
+    for page in storage.iter_files(uri, IMAGE_SUFFIXES):
+        files += page[:count - len(files)]
+        if len(files) >= count:
+            break
     if not files:
-        raise UserError(f"--check-images {uri}: no {'/'.join(IMAGE_SUFFIXES)} files there")
+        raise UserError(f"{flag} {uri}: no {'/'.join(IMAGE_SUFFIXES)} files there")
     return [storage.read_bytes(f) for f in files]
 
 
 def calibration_images(uri: str, count: int) -> list[bytes]:
-    """The first `count` images of a shards folder (their encoded bytes) or of an image folder."""
+    """The first `count` images of a shards folder (read a row batch at a time) or of an image folder."""
     import pyarrow.parquet as pq
 
-    from pipelines.formats import shards
-
     if shards.input_kind(uri) != "shards":
-        return check_images(uri, count)
+        return check_images(uri, count, flag="--int8")
     images: list[bytes] = []
     for shard in shards.shard_uris(uri, shards.read_manifest(uri)):
         fs, path = storage.arrow_filesystem(shard)
         with fs.open_input_file(path) as handle:
-            images += pq.read_table(handle, columns=["image"])["image"].to_pylist()[:count - len(images)]
-        if len(images) >= count:
-            break
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=count - len(images), columns=["image"]):
+                images += batch.column(0).to_pylist()[:count - len(images)]
+                if len(images) >= count:
+                    return images
     return images
 
 
