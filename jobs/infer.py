@@ -8,7 +8,7 @@
 --input: shards from jobs.prepare, a COCO layout (images/ + annotations.json) or a folder/bucket
 prefix of .jpg/.jpeg/.png files (recursive); --input-list: a text, CSV or Parquet file of URIs.
 --output gets part-NNNNNN.parquet files written by the workers (the predictions schema of
-DESIGN.md; undecodable files are rows with `error`), _infer_plan.json and _infer_units-*.pq (the units,
+docs/design.md; undecodable files are rows with `error`), _infer_plan.json and _infer_units-*.pq (the units,
 listed once). Exit 1 when units failed for a storage reason: rerun the same command after any
 failure; finished parts are kept, the rest is done once, and the input is not listed again.
 

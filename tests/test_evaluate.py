@@ -1,6 +1,6 @@
 """jobs.evaluate and pipelines.evaluation.scoring: pycocotools' exact numbers however predictions are split.
 
-Prediction files are written here with pyarrow in the schema of DESIGN.md, so these tests need
+Prediction files are written here with pyarrow in the schema of docs/design.md, so these tests need
 neither Ray nor jobs.infer. pycocotools, run on a merged results json, is the reference.
 """
 from __future__ import annotations

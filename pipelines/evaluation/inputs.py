@@ -21,7 +21,7 @@ from pipelines import storage
 from pipelines.errors import UserError
 from pipelines.evaluation.progress import Progress
 
-_SCHEMA_HINT = "the predictions schema of DESIGN.md, as written by jobs.infer"
+_SCHEMA_HINT = "the predictions schema of docs/design.md, as written by jobs.infer"
 _DETECTION_FIELDS = {  # name -> (type check, expected type in messages)
     "x1": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),
     "y1": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "float64"),

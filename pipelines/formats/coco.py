@@ -7,7 +7,7 @@ its summary; with ``strict=True`` the first problem raises a `UserError` naming 
 The box rules (`checked_xyxy`) and the tally are shared by every input format (VOC, YOLO),
 so that one box is judged the same whichever file it came from.
 
-A record is a plain dict in the shard row layout of DESIGN.md minus the image bytes:
+A record is a plain dict in the shard row layout of docs/design.md minus the image bytes:
 ``image_id``, ``file_name``, ``width``, ``height``, ``boxes`` (xyxy, original pixels),
 ``category_id``, ``iscrowd``, ``area``.
 """

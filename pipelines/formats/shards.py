@@ -1,6 +1,6 @@
 """The on-storage dataset format: Parquet shards of encoded images plus `manifest.json`.
 
-One row per image (DESIGN.md): ``image_id`` int64, ``file_name`` string, ``width``/``height``
+One row per image (docs/design.md): ``image_id`` int64, ``file_name`` string, ``width``/``height``
 int32, ``image`` binary (the original encoded bytes: decoding happens on the training side,
 so shards stay small and the original is never lost), ``boxes`` list<list<float32>> xyxy in
 original pixels, ``category_id`` list<int32>, ``iscrowd`` list<bool>, ``area`` list<float32>.

@@ -1,6 +1,6 @@
 """The predictions Parquet of `jobs.infer`: schema, rows from detector outputs, part files, COCO json.
 
-One row per input image (DESIGN.md): ``image_id`` int64 (null for custom images), ``uri``,
+One row per input image (docs/design.md): ``image_id`` int64 (null for custom images), ``uri``,
 ``width``/``height`` int32 (original pixels, after EXIF orientation; null when the image could not
 be read), ``detections`` list<struct<x1, y1, x2, y2 float64, score float32, category_id int32,
 category string>> (null when the image could not be read, empty when nothing was found), ``error``
