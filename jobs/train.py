@@ -1,11 +1,13 @@
 """Train RetinaNet with synchronized SGD (DDP) on Ray Train, streaming data with Ray Data.
 
-    python -m jobs.train --data URI --output URI [--preset tiny|r50|r101] [--num-workers N] ...
+    python -m jobs.train --data URI --output URI [--preset tiny|r50|r101] [--num-workers N|MIN:MAX] ...
 
 Each worker reads its own `streaming_split` of the shards (decode/resize/flip on CPU tasks).
 Checkpoints go to --output on any storage, the last --keep of them kept; rerunning the same
 command resumes from the last one, and a failed worker group restarts from it
-(--max-failures). Results: --output/model.pt (loads with `retinanet.load_checkpoint` and
+(--max-failures). With --num-workers MIN:MAX the group is elastic (Ray Train V2): it starts
+once MIN workers are available and restarts from the last checkpoint with fewer or more, each
+step still training --global-batch images (gradient accumulation). Results: --output/model.pt (loads with `retinanet.load_checkpoint` and
 `jobs.infer`), metrics.jsonl (one line per logging step), loss_curve.png.
 """
 from __future__ import annotations
@@ -87,7 +89,7 @@ def fit(cfg: TrainConfig, datasets: dict):
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg.to_dict(), datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling_workers(), use_gpu=cfg.use_gpu,
                                      resources_per_worker=cfg.worker_resources(), placement_strategy=cfg.placement),
         run_config=RunConfig(name=cfg.name, storage_path=arrow_path, storage_filesystem=arrow_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep),
@@ -114,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     config_uri = save_config(cfg)
     ensure_ray(cfg.num_cpus)
     datasets = validation_datasets(cfg)
-    workers, batch = cfg.num_workers, cfg.batch_size
+    workers, batch, accumulation = cfg.num_workers, cfg.batch_size, cfg.accumulation(cfg.num_workers)
+    group = f"{workers} workers" if cfg.min_workers is None else f"{cfg.min_workers}-{workers} workers (elastic)"
+    per_step = f" x {accumulation} micro-batches" if accumulation > 1 else ""
     print(f"training {cfg.preset if not cfg.init else cfg.init} on {num_images} images "
-          f"({len(cfg.categories)} classes): {workers} workers x {batch} images, {cfg.max_steps} steps "
-          f"({steps_per_epoch(cfg.epoch_sizes[0], workers, batch)}/epoch), lr {cfg.lr:.4g}; config {config_uri}",
-          flush=True)
+          f"({len(cfg.categories)} classes): {group} x {batch} images{per_step}, {cfg.max_steps} steps "
+          f"({steps_per_epoch(cfg.epoch_sizes[0], workers, batch, accumulation)}/epoch), lr {cfg.lr:.4g}; "
+          f"config {config_uri}", flush=True)
     try:
         result = fit(cfg, datasets)
     except Exception as exc:  # noqa: BLE001 - report the worker's own error in one line

@@ -8,6 +8,8 @@ is the alpha-balanced cross entropy of its Table 1a.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,6 +25,24 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _LastNormalizer(threading.local):
+    positives, normalizer, latest = 0.0, 1.0, 0.0
+
+
+_LAST = _LastNormalizer()
+
+
+def last_normalizer() -> tuple[float, float]:
+    """(positives per worker, the normalizer: the same clamped to >= 1) of this thread's last
+    `detection_losses` call.
+
+    Gradient accumulation needs it: a step of several micro-batches is normalized by the
+    positives of all of them (the paper's normalizer over the whole global batch), which the
+    training engine gets by re-weighting each micro-batch's loss by its own normalizer.
+    """
+    return _LAST.positives, _LAST.normalizer
+
+
 def positives_normalizer(num_pos: torch.Tensor) -> torch.Tensor:
     """Positives per worker, averaged over DDP workers and clamped to >= 1.
 
@@ -34,6 +54,7 @@ def positives_normalizer(num_pos: torch.Tensor) -> torch.Tensor:
         num_pos = num_pos.clone()
         dist.all_reduce(num_pos)
         num_pos = num_pos / dist.get_world_size()
+    _LAST.latest = float(num_pos)
     return num_pos.clamp(min=1.0)
 
 
@@ -95,6 +116,7 @@ def detection_losses(head_outputs: dict, anchors: torch.Tensor, targets: dict, c
         gt_labels = labels.gather(1, gt_index).clamp(min=0)
         gt_boxes = boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))
     normalizer = positives_normalizer(positive.sum())
+    _LAST.positives, _LAST.normalizer = _LAST.latest, float(normalizer)  # (OHEM's classification term has its own: not re-weighted exactly)
 
     losses = {}
     if cfg.cls_loss in ("focal", "ohem"):

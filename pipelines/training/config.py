@@ -11,6 +11,7 @@ bad choice), before Ray starts; precedence is defaults < file < flags.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -31,9 +32,10 @@ class TrainConfig:
     output: str | None = None
     val_data: str | None = None
     preset: str = "tiny"
-    num_workers: int = 2
+    num_workers: int = 2  # with --num-workers MIN:MAX, MAX (min_workers below holds MIN)
     use_gpu: bool = False
     batch_size: int = 8
+    global_batch: int | None = None  # resolved: batch_size x num_workers (the most workers) when not given
     epochs: float | None = None  # neither epochs nor max_steps given: 1 epoch
     max_steps: int | None = None  # resolved: the run's total steps
     lr: float | None = None  # resolved: 0.01 x global batch / 16 when not given
@@ -68,6 +70,7 @@ class TrainConfig:
     logger: str = "tensorboard"
     fail_at_step: int | None = None  # pipelines.training.test_hooks
     debug_dir: str | None = None  # pipelines.training.test_hooks
+    min_workers: int | None = None  # from --num-workers MIN:MAX; None: a fixed group of num_workers
     # Resolved on the driver before the workers start; never flags.
     model: dict | None = None  # RetinaNetConfig.to_dict()
     categories: list[dict] | None = None
@@ -81,13 +84,43 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """What Ray Train's `ScalingConfig(num_workers=...)` gets: N, or the elastic (MIN, MAX)."""
+        return self.num_workers if self.min_workers is None else (self.min_workers, self.num_workers)
+
+    def world_sizes(self) -> range:
+        """Every world size the run may train at."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
+
+    def accumulation(self, world: int) -> int:
+        """Micro-batches of --batch-size each rank sums into one optimizer step at `world`
+        workers, so that every step trains --global-batch images at any world size (and the
+        schedule's steps mean the same)."""
+        return (self.global_batch or self.batch_size * self.num_workers) // (world * self.batch_size)
+
+    def check_global_batch(self) -> None:
+        """The rule: --global-batch is a multiple of batch-size x W for every W in [MIN, MAX],
+        so no world size the group may shrink or grow to trains a different number of images
+        per step (refused before Ray starts otherwise)."""
+        if self.global_batch < 1 or self.batch_size < 1:
+            raise UserError(f"--global-batch {self.global_batch} and --batch-size {self.batch_size} must be >= 1")
+        bad = [w for w in self.world_sizes() if self.global_batch % (w * self.batch_size)]
+        if bad:
+            need = self.batch_size
+            for w in self.world_sizes():
+                need = _lcm(need, w * self.batch_size)
+            raise UserError(f"--global-batch {self.global_batch} is not a multiple of --batch-size {self.batch_size} "
+                            f"x {bad[0]} workers (every world size of --num-workers must divide it); "
+                            f"use a multiple of {need}")
+
     def resolved(self, *, model: dict, categories: list[dict], backbone_weights: str | None,
                  epoch_sizes: list[int], max_steps: int) -> "TrainConfig":
         """The config the workers run: the model, the epoch plan, and the defaults that follow from them."""
         values = self.to_dict()
-        values.update(
+        global_batch = self.global_batch or self.batch_size * self.num_workers
+        values.update(global_batch=global_batch,
             model=model, categories=categories, backbone_weights=backbone_weights, image_size=model["min_size"],
-            max_steps=max_steps, epoch_sizes=epoch_sizes, lr=self.lr or 0.01 * self.num_workers * self.batch_size / 16,
+            max_steps=max_steps, epoch_sizes=epoch_sizes, lr=self.lr or 0.01 * global_batch / 16,
             warmup_steps=self.warmup_steps if self.warmup_steps is not None else min(1000, max_steps // 10),
             threads_per_worker=self.cpus_per_worker or max(1, (os.cpu_count() or 1) // self.num_workers),
             output=storage.resolve(self.output).uri())
@@ -101,6 +134,22 @@ class TrainConfig:
         if cpus is None:
             cpus = 2 if self.use_gpu else 1
         return {"CPU": cpus}
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def _workers(text: str) -> int | tuple[int, int]:
+    """--num-workers: N (a fixed group) or MIN:MAX (elastic: Ray starts at MIN, grows to MAX)."""
+    low, sep, high = text.partition(":")
+    try:
+        values = (int(low), int(high)) if sep else (int(low),)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or MIN:MAX") from None
+    if min(values) < 1 or values[0] > values[-1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 <= MIN <= MAX")
+    return values[0] if len(values) == 1 or values[0] == values[1] else values
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
@@ -125,9 +174,14 @@ def build_parser(prog: str = "python -m jobs.train", description: str | None = N
     p.add_argument("--output", help="where checkpoints, model.pt, metrics.jsonl and loss_curve.png go (URI)")
     p.add_argument("--config", help="YAML file with any of these options (flags override it)")
     p.add_argument("--preset", choices=["tiny", "r50", "r101"], help="model preset (default %(default)s)")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers, each one DDP rank (default %(default)s)")
+    p.add_argument("--num-workers", type=_workers, help="Ray Train workers, each one DDP rank (default %(default)s); "
+                   "MIN:MAX: elastic, starts with MIN available and restarts from the last checkpoint with fewer or "
+                   "more workers as nodes go and come")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, channels_last")
-    p.add_argument("--batch-size", type=int, help="images per worker per step (default %(default)s)")
+    p.add_argument("--batch-size", type=int, help="images per worker per micro-batch (default %(default)s)")
+    p.add_argument("--global-batch", type=int, help="images per optimizer step over all workers (default batch size "
+                   "x workers, x MAX when elastic); each rank sums its gradients over global / (workers x batch) "
+                   "micro-batches, so a step means the same at any world size")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="run length in passes over the data (default 1)")
     length.add_argument("--max-steps", type=int, help="run length in optimizer steps")
@@ -248,4 +302,10 @@ def resolve_options(argv: list[str] | None, parser: argparse.ArgumentParser | No
             raise UserError(f"--{required} is required (on the command line or in --config)")
     if options["epochs"] is None and options["max_steps"] is None:
         options["epochs"] = 1
-    return TrainConfig(**options)
+    if isinstance(options["num_workers"], tuple):
+        options["min_workers"], options["num_workers"] = options["num_workers"]
+    cfg = TrainConfig(**options)
+    if cfg.global_batch is None:
+        cfg.global_batch = cfg.batch_size * cfg.num_workers
+    cfg.check_global_batch()
+    return cfg

@@ -5,9 +5,19 @@ schedule (SGD momentum 0.9, weight decay 1e-4, linear warm-up, lr x0.1 at 2/3 an
 run), checkpoints through `ray.train.report` (rank 0 writes them; every rank reports the same
 number of times, as Ray requires), resume from `ray.train.get_checkpoint()`: the step, the
 optimizer, the loss scale and the keys of the images the interrupted epoch already trained.
+
+A step trains --global-batch images at any world size: each rank sums its gradients over
+`accumulation` micro-batches (DDP's all-reduce only on the last, `no_sync()` before), so an
+elastic group (--num-workers MIN:MAX) that restarts smaller or larger keeps the schedule's
+meaning. The focal-loss normalizer is the positives of the whole global batch: each micro-batch's
+loss is divided by its own all-worker positives (`retinanet.losses`) and multiplied back by
+them relative to the first micro-batch's, and the summed gradients are scaled by the first
+one's over the step's total once all are in (`Trainer.train_step`): exact, since the gradient
+is linear in the normalizer, with the loss scale of an ordinary step.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -27,6 +37,7 @@ from pipelines.training.init import initial_model
 from pipelines.training.records import RunRecords, Window, log
 from pipelines.training.test_hooks import Hooks
 from pipelines.training.validation import validate
+from retinanet.losses import last_normalizer
 
 STATE_FILE = "train_state.pt"
 
@@ -38,7 +49,7 @@ def train_loop(config: dict) -> None:
     feed = EpochFeed(cfg, trainer.rank, trainer.world)
     hooks = Hooks(cfg, trainer.rank, trainer.world, trainer.resumed, trainer.optimizer)
     while trainer.step < cfg.max_steps:
-        tally = EpochTally()
+        tally, micro = EpochTally(), []
         trainer.window.fetch_started()
         for batch in feed.begin(trainer.epoch, trainer.done, trainer.step):
             # Ranks hold equal rows, so they step in lockstep and leave this loop at the same batch.
@@ -48,9 +59,13 @@ def train_loop(config: dict) -> None:
             if trainer.step >= cfg.max_steps:
                 tally.exhausted = False
                 break
+            micro.append(batch)
+            if len(micro) < trainer.accumulation:
+                continue  # an epoch's last micro-batches short of a step are read, not trained
             trainer.window.fetched()
-            losses = trainer.train_step(batch)
-            keys = tally.trained_batch(batch, skipped=losses is None)
+            losses = trainer.train_step(micro)
+            keys = tally.trained_batch(micro, skipped=losses is None)
+            micro = []
             feed.stepped(tally.steps)
             hooks.after_step(trainer.step, trainer.epoch, keys)
             trainer.end_step(losses, tally)
@@ -79,6 +94,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         context = ray.train.get_context()
         self.cfg, self.rank, self.world = cfg, context.get_world_rank(), context.get_world_size()
+        self.accumulation = cfg.accumulation(self.world)
         torch.manual_seed(cfg.seed)
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, cfg.threads_per_worker))
@@ -108,6 +124,10 @@ class Trainer:
         if self.records and self.resumed is not None:
             self.records.append({"event": "resumed", "step": self.resumed, "epoch": self.epoch,
                                  "epoch_images_done": len(self.done)})
+            before = state.get("world")  # checkpoints of older runs lack it
+            if before is not None and before != self.world:
+                log(self.records, {"event": "resized", "step": self.resumed, "workers_before": before,
+                                   "workers_after": self.world, "accumulation": self.accumulation}, None)
         self.window = Window()
 
     def _resume(self, state: dict) -> None:
@@ -120,32 +140,61 @@ class Trainer:
         self.epoch = state.get("epoch", 0)
         self.done = state["epoch_keys"].numpy() if "epoch_keys" in state else NO_KEYS
 
-    def train_step(self, batch: dict) -> dict | None:
-        """One synchronized SGD step on `batch`: the losses ("loss" first), or None where fp16
-        overflowed on some rank and the step was skipped like GradScaler skips it."""
+    def train_step(self, micro: list[dict]) -> dict | None:
+        """One synchronized SGD step on the micro-batches `micro`: the losses ("loss" first), or
+        None where fp16 overflowed on some rank and the step was skipped like GradScaler skips it.
+
+        Micro-batch m's loss (divided by n_m = max(p_m, 1), p_m its positives per worker) is
+        back-propagated times n_m / n_1; the summed gradients are then scaled by
+        n_1 / max(sum p_m, 1), the step's normalizer (module docstring). One micro-batch: the
+        plain step, untouched.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, first, total = {}, None, 0.0
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.ddp_model, "no_sync") else self.ddp_model.no_sync()
+            with sync:
+                losses = self._forward(batch)
+                if losses is None:  # every rank agrees (forward_losses): all skip the step here
+                    break
+                positives, normalizer = last_normalizer()
+                first = normalizer if first is None else first
+                total += positives
+                loss = sum(losses.values())
+                self.scaler.scale(loss if len(micro) == 1 else loss * (normalizer / first)).backward()
+            for key, value in {"loss": loss, **losses}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach() * normalizer
+        if losses is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        else:
+            step_normalizer = max(total, 1.0)
+            if len(micro) > 1:
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(first / step_normalizer)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            losses = {"loss": loss, **losses} if len(micro) == 1 else {k: v / step_normalizer for k, v in sums.items()}
+        self.scheduler.step()
+        self.step += 1
+        return losses
+
+    def _forward(self, batch: dict) -> dict | None:
         cfg = self.cfg
         images = normalize_images(batch["pixels"].to(self.device, non_blocking=True), batch["image_sizes"],
                                   cfg.model["image_mean"], cfg.model["image_std"], channels_last=cfg.use_gpu)
         targets = {k: batch[k].to(self.device) for k in ("boxes", "labels", "num_boxes", "image_id")}
-        losses = forward_losses(self.ddp_model, images, batch["image_sizes"], targets, self.amp_dtype, self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        if losses is None:
-            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
-        else:
-            losses = {"loss": sum(losses.values()), **losses}
-            self.scaler.scale(losses["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.scheduler.step()
-        self.step += 1
-        return losses
+        return forward_losses(self.ddp_model, images, batch["image_sizes"], targets, self.amp_dtype, self.step)
 
     def end_step(self, losses: dict | None, tally: EpochTally) -> None:
         """The step's losses into the window; a metrics line when due; at a checkpoint step the
         checkpoint (every rank joins the gather, rank 0 saves), and model.pt at the last step."""
         cfg, step = self.cfg, self.step
         if losses is not None:
-            self.window.add(cfg.batch_size * self.world, {k: v.item() for k, v in losses.items()})
+            self.window.add(cfg.global_batch, {k: v.item() for k, v in losses.items()})
         checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
         if not (step % cfg.log_every == 0 or checkpoint_now):
             return
@@ -156,7 +205,7 @@ class Trainer:
         saved = None
         if checkpoint_now:
             saved = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": step,
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": step, "world": self.world,
                      "epoch": self.epoch, "epoch_keys": torch.from_numpy(tally.keys(self.done))}
         log(self.records, metrics, step if checkpoint_now else None)
         _report(metrics, self.rank, saved)

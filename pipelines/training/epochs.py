@@ -28,9 +28,10 @@ TIMING_STEPS = 4  # steps of each epoch timed to decide when to start the next e
 NO_KEYS = np.zeros(0, np.int64)
 
 
-def steps_per_epoch(images: int, world: int, batch_size: int) -> int:
-    """Steps a rank trains of an epoch of `images`: its equal split, in whole batches."""
-    return (int(images) // world) // batch_size
+def steps_per_epoch(images: int, world: int, batch_size: int, accumulation: int = 1) -> int:
+    """Steps a rank trains of an epoch of `images`: its equal split, in whole batches, each
+    step `accumulation` of them (the rows of a step left over at the end are read, not trained)."""
+    return (int(images) // world) // batch_size // accumulation
 
 
 def plan_epochs(cfg: TrainConfig, num_images: int) -> tuple[list[int], int]:
@@ -43,10 +44,11 @@ def plan_epochs(cfg: TrainConfig, num_images: int) -> tuple[list[int], int]:
     to its planned step.
     """
     workers, batch = cfg.num_workers, cfg.batch_size
-    plain_steps = steps_per_epoch(num_images, workers, batch)
+    accumulation = cfg.accumulation(workers)  # planned at the most workers; a smaller group steps alike
+    plain_steps = steps_per_epoch(num_images, workers, batch, accumulation)
     if plain_steps < 1:
         raise UserError(f"{cfg.data}: {num_images} images are fewer than one global batch "
-                        f"({workers} workers x {batch}); lower --batch-size or --num-workers")
+                        f"({cfg.global_batch}); lower --global-batch, --batch-size or --num-workers")
     wanted = math.ceil(cfg.epochs) + 1 if cfg.epochs else cfg.max_steps // plain_steps + 2
     wanted = min(wanted, 1000)  # sizes for logging; later epochs reuse the last one
     sizes = np.full(wanted, num_images, np.int64)
@@ -55,7 +57,7 @@ def plan_epochs(cfg: TrainConfig, num_images: int) -> tuple[list[int], int]:
         sizes = epoch_sizes(category_image_pairs(cfg.data), num_images, factors, cfg.seed, range(wanted))
     if cfg.max_steps:
         return sizes.tolist(), cfg.max_steps
-    steps = [steps_per_epoch(size, workers, batch) for size in sizes]
+    steps = [steps_per_epoch(size, workers, batch, accumulation) for size in sizes]
     whole = int(cfg.epochs)
     total = sum(steps[:whole]) + int(round((cfg.epochs - whole) * steps[whole]))
     return sizes.tolist(), max(1, total)
@@ -155,8 +157,9 @@ class EpochFeed:
         """Epoch `epoch`'s batches (without the `done` keys), started now unless started ahead."""
         self._current = self._upcoming if self._upcoming is not None else self._start(epoch, done)
         self._upcoming, self._epoch = None, epoch
-        self._left = (steps_per_epoch(planned_size(self.cfg, epoch), self.world, self.cfg.batch_size)
-                      - len(done) // (self.world * self.cfg.batch_size))
+        # what the resumed epoch has left, at this world size (the checkpoint may come from another)
+        self._left = steps_per_epoch(planned_size(self.cfg, epoch) - len(done), self.world, self.cfg.batch_size,
+                                     self.cfg.accumulation(self.world))
         self._next_needed = step + self._left < self.cfg.max_steps
         self._start_at = 0 if self._left <= TIMING_STEPS + 1 else None
         if self._next_needed and self._start_at == 0:
@@ -190,11 +193,14 @@ class EpochTally:
 
     def __init__(self):
         self.rows_read, self.steps, self.skipped, self.trained, self.exhausted = 0, 0, 0, [], True
+        self.trained_rows = 0
 
-    def trained_batch(self, batch: dict, skipped: bool) -> np.ndarray:
-        """Count a batch stepped on (`skipped`: an fp16 overflow skipped its update); its `sample_keys`."""
-        keys = sample_keys(batch["image_id"].numpy(), batch["copy"].numpy())
+    def trained_batch(self, batches: list[dict], skipped: bool) -> np.ndarray:
+        """Count a step's micro-batches stepped on (`skipped`: an fp16 overflow skipped its
+        update); their `sample_keys`."""
+        keys = np.concatenate([sample_keys(b["image_id"].numpy(), b["copy"].numpy()) for b in batches])
         self.steps += 1
+        self.trained_rows += len(keys)
         self.skipped += skipped
         self.trained.append(keys)
         return keys
@@ -205,7 +211,7 @@ class EpochTally:
 
     def summary(self, cfg: TrainConfig, epoch: int, step: int, done: np.ndarray) -> dict:
         """The `epoch_end` record, summed over ranks (all ranks)."""
-        read, trained_rows = sum_over_ranks(self.rows_read, self.steps * cfg.batch_size)
+        read, trained_rows = sum_over_ranks(self.rows_read, self.trained_rows)
         if not trained_rows and not len(done):
             raise RuntimeError(f"epoch {epoch}: not one full batch of readable images ({read} read); check --data")
         planned = planned_size(cfg, epoch)
