@@ -62,9 +62,11 @@ def test_accumulation_takes_the_same_steps_at_any_world_size(same_global_batch):
         assert {s: sorted(k // MAX_COPIES for k in keys) for s, keys in steps.items()} == \
             {s: list(range(1, 25)) for s in (1, 2, 3)}, f"{workers} workers: each step the whole epoch"
     one, two = (_weights(same_global_batch[w][1]) for w in (1, 2))
-    # float sums in another order (micro-batch sums, DDP's all-reduce): ~1e-7 here after 3 steps
+    # Float sums in another order (micro-batch sums, DDP's all-reduce): measured 2.4e-6 after 3
+    # steps, where the largest weight moved 4.2e-3 from its init. A normalizer per micro-batch
+    # instead of per step would weight them by their positives and miss this by far more.
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
-    assert worst < 1e-4, worst
+    assert worst < 2e-5, worst
 
 
 @pytest.fixture(scope="module")
