@@ -37,6 +37,9 @@ from pipelines.formats.synth import SHAPES, class_probabilities, generate_image
 from pipelines.images.transforms import decode_image
 from retinanet.matching import BACKGROUND, IGNORE, match_anchors
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import provenance  # noqa: E402 - bench/provenance.py
+
 NUM_CLASSES = 3
 ANCHOR_SIZES = (8, 16, 32, 64, 128)  # for 5-45 px objects (the tiny preset's start at 16)
 
@@ -265,6 +268,7 @@ def main() -> None:
     val = mosaic_dataset(args.num_val, seed=2000, tile=args.tile, grid=args.grid)
     base = retinanet.preset("tiny", num_classes=NUM_CLASSES, anchor_sizes=ANCHOR_SIZES)
     result = {
+        "provenance": provenance(),
         "command": "python " + " ".join(sys.argv),
         "device": f"CPU, torch.set_num_threads({args.threads}); machine shared with other sessions",
         "torch": torch.__version__, "python": platform.python_version(),

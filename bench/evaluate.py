@@ -11,7 +11,8 @@ faster-coco-eval on the same json (where the speed comes from), and `python -m j
 end to end (read shards, check, score, write report, tables and PR curves). Stats must match.
 Peak memory is that of the whole process tree (the contender and every worker process it
 starts), sampled every 0.2 s. `--no-json` skips the merged json (20M result dicts do not fit
-pycocotools' memory anyway) and runs jobs.evaluate alone, for the large sizes.
+pycocotools' memory anyway) and runs jobs.evaluate alone, for the large sizes. --save appends
+each run with its provenance (bench/provenance.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from provenance import provenance  # noqa: E402 - bench/provenance.py
 DETECTION = pa.struct([("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()), ("y2", pa.float64()),
                        ("score", pa.float32()), ("category_id", pa.int32()), ("category", pa.string())])
 CONTENDERS = {
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         if not (workdir / "gt.json").exists() or (not args.no_json and not (workdir / "results.json").exists()):
             generate(workdir, args.images, args.detections, args.files, with_json=not args.no_json)
-        load_before = os.getloadavg()
+        load_before, origin = os.getloadavg(), provenance()
         print(f"data: {args.images} images x {args.detections} detections in {args.files} shards "
               f"({time.perf_counter() - start:.1f} s); {os.cpu_count()} CPUs, load average {load_before[0]:.1f}")
         figures = {}
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         load_after = os.getloadavg()
         print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % load_after)
         if args.save:
-            _save(Path(args.save), {"images": args.images, "detections_per_image": args.detections,
+            _save(Path(args.save), {"provenance": origin, "images": args.images,
+                                    "detections_per_image": args.detections,
                                     "files": args.files, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
                                     "load_average_before": load_before, "load_average_after": load_after,
                                     "contenders": figures})

@@ -12,7 +12,8 @@
 #   bash bench/gpu.sh             # on the GPU machine
 #   bash bench/gpu.sh --dry-run   # anywhere: every code path, tiny model, on the CPU if need be
 #
-# PYTHON picks the interpreter (default: python3, the GPU machine's own).
+# PYTHON picks the interpreter (default: python3, the GPU machine's own). RESULTS=DIR writes the
+# three JSONs into DIR instead (a dry run writes them only then: its toy figures are no results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,7 +26,13 @@ print("torch", torch.__version__, "cuda", torch.version.cuda,
 PYEOF
 # 6 + 2 + 1 minutes, leaving the rest of 10 for start-up and the copy back.
 status=0
-timeout 360 "$PY" bench/gpu_model.py "$@" || status=$?
-timeout 120 "$PY" bench/gpu_input.py "$@" || status=$?
-timeout 60 "$PY" bench/gpu_runtimes.py "$@" || status=$?
+bench() {  # seconds, script, result file name, the script's arguments
+    local limit=$1 script=$2 name=$3 extra=()
+    shift 3
+    [ -n "${RESULTS:-}" ] && extra=(--output "$RESULTS/$name")
+    timeout "$limit" "$PY" "bench/$script" "$@" ${extra[@]+"${extra[@]}"} || status=$?
+}
+bench 360 gpu_model.py model-gpu.json "$@"
+bench 120 gpu_input.py train-input-gpu.json "$@"
+bench 60 gpu_runtimes.py runtimes-gpu.json "$@"
 exit $status

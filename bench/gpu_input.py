@@ -13,7 +13,8 @@ host-to-device copy, `normalize_images` on the GPU. Figures, each with its batch
 3. images/s one CPU process decodes and resizes at 800 px (d in cluster/README's sizing: a GPU
    at r img/s needs r / d decode cores).
 
-`--dry-run` runs every path with the tiny preset at 128 px on whatever device there is.
+`--dry-run` runs every path with the tiny preset at 128 px on whatever device there is. The
+JSON written carries the run's provenance (bench/provenance.py).
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import retinanet  # noqa: E402
 from pipelines.images.collate import collate_pixels, normalize_images  # noqa: E402
+from provenance import provenance  # noqa: E402  (bench/provenance.py)
 
 
 def _jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("no GPU: run with --dry-run to check the paths on a CPU", file=sys.stderr)
         return 2
-    report = run(args)
+    report = {"provenance": provenance(), **run(args)}
     print(json.dumps(report, indent=1), flush=True)
     output = args.output or (None if args.dry_run else "bench/results/train-input-gpu.json")
     if output:

@@ -5,7 +5,7 @@ Run by bench/gpu.sh on a machine with a GPU and only torch/torchvision (no Ray, 
 (2) inference (forward + post-processing), fp32 and AMP bf16, images/s;
 (3) detections on the GPU equal those on the CPU (fp32, TF32 off) within tolerance, and ours
     equal torchvision's on the GPU.
-Writes one JSON naming the device. `--dry-run` runs every code path with the tiny preset at
+Writes one JSON naming the device, with the run's provenance. `--dry-run` runs every code path with the tiny preset at
 128 px, once, on whatever device there is (CPU included), so the script is checked anywhere.
 
 The weights are random (nothing can be downloaded on the GPU machines). Timed models keep the
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import retinanet  # noqa: E402
 from model import _targets, torchvision_twin  # noqa: E402  (bench/model.py)
+from provenance import provenance  # noqa: E402  (bench/provenance.py)
 
 
 def _sync(device: torch.device) -> None:
@@ -166,7 +167,7 @@ def compare_detections(preset: str, size: int, device: torch.device, top: int = 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=None, help="JSON to write (default: bench/results/model-gpu.json "
-                   "on a GPU; nothing on a CPU)")
+                   "on a GPU; nothing on a CPU or with --dry-run, whose figures are no results)")
     p.add_argument("--dry-run", action="store_true", help="tiny preset, 128 px, once: checks the paths")
     p.add_argument("--size", type=int, default=800)
     p.add_argument("--train-batch", type=int, default=8)
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     print(f"device {name}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"preset {preset}, {size} px", flush=True)
     ours, tv = build_pair(preset, size, device)
-    report = {"device": name, "device_type": device.type, "torch": torch.__version__,
+    report = {"provenance": provenance(), "device": name, "device_type": device.type, "torch": torch.__version__,
               "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "preset": preset, "image_size": size, "dry_run": args.dry_run,
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     del ours, tv  # the training steps moved their weights: the comparison builds its own
     report["detections"] = compare_detections(preset, size, device)
     print(f"detections equal within tolerance: {report['detections']['passed']}", flush=True)
-    output = args.output or ("bench/results/model-gpu.json" if device.type == "cuda" else None)
+    output = args.output or ("bench/results/model-gpu.json" if device.type == "cuda" and not args.dry_run else None)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2) + "\n")

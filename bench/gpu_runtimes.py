@@ -7,8 +7,9 @@ Run by bench/gpu.sh (torch and torchvision only; no ONNX Runtime or TensorRT on 
 (2) `retinanet.export.export_onnx` of that model on this torch (exports break between versions:
     this is the check on the GPU image's torch), seconds and size; with the `onnx` package absent
     the graph is exported without the metadata step and only its size is reported.
-Writes bench/results/runtimes-gpu.json naming the device. `--dry-run`: tiny preset at 128 px on
-whatever device there is, once.
+Writes bench/results/runtimes-gpu.json (or --output) naming the device, with the run's
+provenance. `--dry-run`: tiny preset at 128 px on whatever device there is, once; it writes only
+to an --output given, since its figures are no results.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ import pyarrow as pa
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import retinanet  # noqa: E402
 from pipelines.inference.detector import Detector  # noqa: E402
+from provenance import provenance  # noqa: E402  (bench/provenance.py)
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -49,7 +51,8 @@ def timed(fn, device, repeats: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--output", default=str(ROOT / "bench" / "results" / "runtimes-gpu.json"))
+    p.add_argument("--output", help="JSON to write (default: bench/results/runtimes-gpu.json; with --dry-run, "
+                   "nothing)")
     args = p.parse_args()
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -93,12 +96,15 @@ def main() -> None:
     export = {"seconds": round(time.perf_counter() - start, 2), "mib": round(len(exported) / 2**20, 1),
               "metadata": importlib.util.find_spec("onnx") is not None}
     print(f"export on torch {torch.__version__}: {export}", flush=True)
-    result = {"device": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu",
+    result = {"provenance": provenance(),
+              "device": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu",
               "torch": torch.__version__, "preset": preset, "image_size": size, "batch": batch,
               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "runtimes": rows, "export": export}
-    if not args.dry_run:
-        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"-> {args.output}")
+    output = args.output or (None if args.dry_run else str(ROOT / "bench" / "results" / "runtimes-gpu.json"))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"-> {output}")
 
 
 if __name__ == "__main__":

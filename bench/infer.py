@@ -4,7 +4,7 @@
     python bench/infer.py --device cuda [--preset r50 --image-size 800 --amp bf16]   # GPU box, no Ray
 
 Figures (the issue's targets in brackets); results go to bench/results/infer-cpu.json (1, 2)
-and infer-<device>-device.json (3):
+and infer-<device>-device.json (3), or to --output, with the run's provenance:
 1. pipeline efficiency (CPU, tiny preset): images/s of `jobs.infer` on a local Ray (1 detector
    actor with every core's torch threads, decode tasks beside it) over a folder of JPEGs, end to
    end and in steady state (the difference between runs over N and N/5 images, so start-up
@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from pipelines.inference.bulk import CALLS_PER_GPU  # noqa: E402 - after the path set-up
+from provenance import provenance  # noqa: E402
 
 
 def write_images(folder: Path, count: int, height: int, width: int) -> list[Path]:
@@ -134,7 +135,7 @@ def efficiency(workdir: Path, checkpoint: Path, args) -> dict:
 
 def memory_child(count: int, workdir: Path, args) -> None:
     """Run jobs.infer on `count` images and print peak memory as JSON (run in a fresh process)."""
-    from ingest import memory_bytes, process_tree
+    from proctree import memory_bytes, process_tree
 
     from jobs import infer
     from pipelines.ray_runtime import ensure_ray
@@ -250,14 +251,18 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="figure 3's model (default r50)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="figure 3 on cuda (default bf16)")
     p.add_argument("--decode-threads", type=int, default=14)
+    p.add_argument("--output", help="the JSON to write (default: bench/results/infer-cpu.json, with --device "
+                   "cpu/cuda bench/results/infer-<device>-device.json)")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.image_size = args.image_size or (128 if args.device == "cpu-job" else 800)
     if args.memory_child:
         return memory_child(args.memory_child, Path(args.workdir), args)
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
+    origin = provenance()
+    output = Path(args.output or ROOT / "bench" / "results" / (
+        "infer-cpu.json" if args.device == "cpu-job" else f"infer-{args.device}-device.json"))
+    output.parent.mkdir(parents=True, exist_ok=True)
     if args.device != "cpu-job":
         args.preset = args.preset or "r50"
         args.amp = args.amp or ("bf16" if args.device == "cuda" else None)
@@ -265,7 +270,7 @@ def main() -> None:
         print(f"3. {fig['device']}: {fig['preset']} at {fig['image_size']} px, amp {fig['amp']}, batch "
               f"{fig['batch_size']}: {fig['images_per_s']:.1f} images/s [>= 200], GPU busy "
               f"{fig['gpu_util_pct'] if fig['gpu_util_pct'] is not None else '-'} % [>= 80]")
-        (results_dir / f"infer-{args.device}-device.json").write_text(json.dumps(fig, indent=1) + "\n")
+        output.write_text(json.dumps({"provenance": origin, **fig}, indent=1) + "\n")
         return None
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-infer-"))
@@ -296,7 +301,8 @@ def main() -> None:
               f"ratio {hi['worker_pss'] / lo['worker_pss']:.2f} [<= 1.2]\n"
               f"   whole tree peak PSS     {mib(lo['tree_pss']):7.0f} vs {mib(hi['tree_pss']):7.0f} MiB  "
               f"ratio {hi['tree_pss'] / lo['tree_pss']:.2f}")
-    (results_dir / "infer-cpu.json").write_text(json.dumps({
+    output.write_text(json.dumps({
+        "provenance": origin,
         "device": f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}, load {load:.1f}",
         "num_images": args.num_images, "image_size": args.image_size, "efficiency": fig, "memory": memory},
         indent=1) + "\n")

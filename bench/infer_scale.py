@@ -1,10 +1,10 @@
 """jobs.infer at ten million images, the parts that do not need GPUs: planning and output writing.
 
     .venv/bin/python bench/infer_scale.py [--list-sizes 1000000 10000000] [--listing-keys 1000000]
-        [--writers 1 2 4] [--parts 400]
+        [--writers 1 2 4] [--parts 400] [--output bench/results/infer-scale.json]
 
-Figures (the issue's targets in brackets), saved to bench/results/infer-scale.json with the load
-average (the machine is shared: figures move with other load):
+Figures (the issue's targets in brackets), saved to --output with the load average and the run's
+provenance (the machine is shared: figures move with other load):
 1. planning, each in a fresh process: an input list (Parquet, N URIs) and a listing of a local
    folder of K empty files, streamed into the plan (`plan.claim_plan`): wall time and the
    driver's peak RSS [RSS at 10M within 1.2x of 1M].
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from provenance import provenance  # noqa: E402 - bench/provenance.py, after the path set-up
 
 
 def write_input_list(path: Path, count: int) -> None:
@@ -139,12 +140,13 @@ def main() -> None:
     p.add_argument("--listing-keys", type=int, default=1_000_000)
     p.add_argument("--writers", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument("--parts", type=int, default=400)
+    p.add_argument("--output", default=str(ROOT / "bench" / "results" / "infer-scale.json"))
     p.add_argument("--plan-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plan_child:
         return plan_child(*args.plan_child)
     workdir = Path(tempfile.mkdtemp(prefix="bench-infer-scale-"))
-    load_before, results = os.getloadavg(), {"cores": os.cpu_count()}
+    load_before, results = os.getloadavg(), {"provenance": provenance(), "cores": os.cpu_count()}
     mib = lambda v: v / 2**20  # noqa: E731
     for count in args.list_sizes:
         write_input_list(workdir / f"list-{count}.parquet", count)
@@ -170,8 +172,8 @@ def main() -> None:
               ", ".join(f"{n} writer(s) {r:.1f} ({r / base:.2f}x)" for n, r in rates.items()))
     results["load_average_before_after"] = [load_before, os.getloadavg()]
     print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "infer-scale.json").write_text(json.dumps(results, indent=1) + "\n")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     subprocess.run(["rm", "-rf", str(workdir)])
     return None
 

@@ -18,7 +18,8 @@ Figures, side by side (the issue's targets in brackets):
 S3 is a moto server in its own process, so it does not share a GIL with either pipeline. Each
 pipeline runs `--epochs` epochs back to back per round, the first not counted; rounds alternate
 the pipelines and the best counts, so that other load on a shared machine disturbs both alike
-(the load average is printed with the figures).
+(the load average is printed with the figures). The first line printed is the run's provenance
+(bench/provenance.py), so that a saved copy of the output says where its figures come from.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from proctree import cpu_seconds, memory_bytes, process_tree  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -260,6 +262,7 @@ def main() -> None:
     p.add_argument("--memory-shard-sizes", type=int, nargs="*", default=[1000, 250],
                    help="--images-per-shard values for the memory runs (1000 = the default)")
     args = p.parse_args()
+    print("provenance: " + json.dumps(provenance()), flush=True)
 
     import boto3
     import ray

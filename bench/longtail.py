@@ -5,7 +5,8 @@
 Trains the tiny preset twice with equal budgets (same data, steps, batch, lr, seed) through
 `jobs.train`, one with `--cls-loss focal` and one with `--cls-loss seesaw` (optionally both
 with repeat-factor sampling), then scores each on a balanced validation set: COCO AP, AP50 and
-LVIS-style AP_rare / AP_common / AP_frequent by training-image count per category.
+LVIS-style AP_rare / AP_common / AP_frequent by training-image count per category. The
+results.json it writes carries the run's provenance (bench/provenance.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from pipelines.evaluation.report import frequency_ap
 from pipelines.formats.annotations import train_image_counts
 from pipelines.formats.synth import write_synth
 from pipelines.images.transforms import decode_image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import provenance  # noqa: E402 - bench/provenance.py
 
 
 def predictions(model, root: str) -> np.ndarray:
@@ -55,7 +59,10 @@ def main() -> None:
     parser.add_argument("--repeat-factor-threshold", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="jobs.train --seed (initialization and data order)")
     parser.add_argument("--output", default=None, help="folder for data, runs and results.json (default: a temp dir)")
+    parser.add_argument("--losses", nargs="+", choices=["focal", "seesaw"], default=["focal", "seesaw"],
+                        help="the runs to make (one alone: a check of the script, no comparison)")
     args = parser.parse_args()
+    origin = provenance()
     work = args.output or tempfile.mkdtemp(prefix="bench-longtail-")
     train_root, val_root = os.path.join(work, "train"), os.path.join(work, "val")
     if not os.path.exists(os.path.join(train_root, "annotations.json")):
@@ -70,7 +77,7 @@ def main() -> None:
     counts = train_image_counts(shards)
     ground_truth = evaluation.load_ground_truth(os.path.join(val_root, "annotations.json"))
     results = {}
-    for loss in ("focal", "seesaw"):
+    for loss in args.losses:
         out = os.path.join(work, f"run-{loss}")
         argv = ["--data", shards, "--output", out, "--cls-loss", loss, "--max-steps", str(args.steps),
                 "--num-workers", str(args.num_workers), "--batch-size", str(args.batch_size),
@@ -86,13 +93,13 @@ def main() -> None:
                          **{k: v for k, v in groups.items() if k.startswith("AP_")}, "categories": groups["categories"]}
     print(f"\n{args.num_images} training images, {args.num_classes} classes, long tail {args.long_tail:g}, "
           f"{args.steps} steps x {args.num_workers} x {args.batch_size}; training images per category: "
-          f"{dict(sorted(counts.items()))}; groups {results['focal']['categories']}")
+          f"{dict(sorted(counts.items()))}; groups {results[args.losses[0]]['categories']}")
     print(f"{'':8s}" + "".join(f"{k:>13s}" for k in ("AP", "AP50", "AP_rare", "AP_common", "AP_frequent")))
     for loss, r in results.items():
         print(f"{loss:8s}" + "".join(f"{r[k]:13.3f}" if r.get(k) is not None else f"{'-':>13s}"
                                      for k in ("AP", "AP50", "AP_rare", "AP_common", "AP_frequent")))
     settings = {k: v for k, v in vars(args).items() if k != "output"}
-    json.dump({"settings": settings, "train_images_per_category": counts, **results},
+    json.dump({"provenance": origin, "settings": settings, "train_images_per_category": counts, **results},
               open(os.path.join(work, "results.json"), "w"), indent=1)
     print(f"results: {os.path.join(work, 'results.json')}", file=sys.stderr)
 

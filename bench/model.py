@@ -7,11 +7,15 @@
     with logits drawn so that far more than 1000 candidates per level pass the 0.05 threshold.
 Prints medians and ratios (torchvision time / ours: > 1 means ours is faster).
 
-    .venv/bin/python bench/model.py [--quick]
+    .venv/bin/python bench/model.py [--quick] [--smoke]
+
+The first line printed is the run's provenance (bench/provenance.py), so that a saved copy of
+the output says where its figures come from.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from functools import partial
@@ -24,6 +28,8 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 import retinanet
 from retinanet.anchors import anchor_sizes
 from retinanet.postprocess import postprocess_detections
+
+from provenance import provenance  # bench/provenance.py: bench/ is on the path of a script under it
 
 
 def torchvision_twin(ours: retinanet.RetinaNet) -> TorchvisionRetinaNet:
@@ -122,15 +128,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, skip R50 training")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--smoke", action="store_true", help="every path once at toy sizes (tiny 64 px batch 2, "
+                        "post-processing batch 2 at 128 px): checks that the script runs; its figures mean nothing")
     args = parser.parse_args()
+    print("provenance: " + json.dumps(provenance()), flush=True)
     torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else 5
+    repeats = 1 if args.smoke else 3 if args.quick else 5
+    (train_size, train_batch), (post_batch, post_size) = ((64, 2), (2, 128)) if args.smoke else ((256, 8), (8, 512))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = [("train step, tiny 256px batch 8", *bench_training("tiny", 256, 8, repeats))]
-    if not args.quick:
+    rows = [(f"train step, tiny {train_size}px batch {train_batch}",
+             *bench_training("tiny", train_size, train_batch, repeats))]
+    if not (args.quick or args.smoke):
         rows.append(("train step, R50-FPN 512px batch 2", *bench_training("r50", 512, 2, 2)))
-    t_ours, t_tv, _ = bench_postprocess(8, 512, repeats)
-    rows.append(("post-processing, batch 8, 80 classes, 512px", t_ours, t_tv))
+    t_ours, t_tv, _ = bench_postprocess(post_batch, post_size, repeats)
+    rows.append((f"post-processing, batch {post_batch}, 80 classes, {post_size}px", t_ours, t_tv))
     print(f"{'what':48s} {'ours s':>9s} {'torchvision s':>14s} {'ratio':>7s}")
     for name, ours, tv in rows:
         print(f"{name:48s} {ours:9.4f} {tv:14.4f} {tv / ours:7.2f}x")

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from infer import write_images  # noqa: E402 - bench/infer.py, after the path set-up
 from proctree import machine_busy_seconds  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 PAIRS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 INT8_PAIRS = [("onnxruntime", "int8"), ("openvino", "int8")]  # with --int8-calibration: the QDQ file, fp32 around it
@@ -205,22 +204,6 @@ def agreement(reference: dict, other: dict) -> dict:
             "max_score_diff": score_diff, "images_same_detections": same_images, "images": len(reference)}
 
 
-def provenance(args) -> dict:
-    import onnxruntime
-    import openvino
-    import torch
-
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "*.py")),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "load_before": os.getloadavg()},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="r50")
@@ -242,7 +225,7 @@ def main() -> None:
 
     from pipelines.images.transforms import preprocess_images_batch
 
-    result = {"provenance": provenance(args), "preset": args.model or args.preset, "image_size": args.image_size,
+    result = {"provenance": provenance(), "preset": args.model or args.preset, "image_size": args.image_size,
               "batch_size": args.batch_size}
     data = model_bytes(args)
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:

@@ -9,7 +9,8 @@ idle Ray's own cost, which (1) counts against the input path and the input path 
     PYTHONPATH=. .venv/bin/python bench/train.py [--images 320] [--steps 40] [--size 128] [--save FILE]
 
 All use the same images, batch size, image size, threads and number of steps; images/s
-excludes the first logging window / warm-up steps.
+excludes the first logging window / warm-up steps. The first line printed is the run's
+provenance (bench/provenance.py), also saved in --save's JSON.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 from model import torchvision_twin  # noqa: E402
 from proctree import CpuSampler, cpu_seconds  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 import retinanet  # noqa: E402
 from jobs import prepare, train  # noqa: E402
@@ -233,6 +235,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the three runs, one after the other")
     parser.add_argument("--save", help="also write the figures as JSON here (e.g. bench/results/train-cpu.json)")
     args = parser.parse_args()
+    origin = provenance()
+    print("provenance: " + json.dumps(origin), flush=True)
     load_before = os.getloadavg()
     work = tempfile.mkdtemp(prefix="bench-train-")
     root, shards = os.path.join(work, "synth"), os.path.join(work, "shards")
@@ -284,7 +288,8 @@ def main() -> None:
         print(f"  {name:50s} {job_cpu.get(name, 0.0):10.2f} {ray_train_cpu.get(name, 0.0):23.2f}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after} on {os.cpu_count()} cores")
     if args.save:
-        figures = {"pipeline_efficiency_mean": efficiency, "vs_torchvision_mean": vs_tv, "rounds": rounds,
+        figures = {"provenance": origin,
+                   "pipeline_efficiency_mean": efficiency, "vs_torchvision_mean": vs_tv, "rounds": rounds,
                    "cores": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_after,
                    **{k: getattr(args, k) for k in ("images", "steps", "warmup", "batch", "size", "workers")}}
         with open(args.save, "w") as f:

@@ -17,6 +17,8 @@ from pipelines.errors import UserError
 from pipelines.formats.prepare import prepare
 from pipelines.images.transforms import preprocess_images_batch
 
+pytestmark = pytest.mark.slow
+
 IMAGE_SIZE = 96  # synth images are 128 px: every box scales by 0.75
 
 

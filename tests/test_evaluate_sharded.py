@@ -15,6 +15,8 @@ from pipelines.evaluation import matching, sharded
 from pipelines.evaluation import scoring as ev
 from tests.test_evaluate import PUBLISHED, make_dataset, prediction_rows, pycocotools_stats, write_split
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def coco_reference(shared_data):

@@ -28,6 +28,8 @@ from pipelines.inference.detector import Detector
 from retinanet.export import export_onnx, read_metadata
 from retinanet.postprocess import feature_grid_sizes
 
+pytestmark = pytest.mark.slow
+
 FP32_RUNTIMES = ("onnxruntime", "openvino")
 TRAIN_SIZE, TRAIN_STEPS = 64, 120
 # fp32 runtimes against torch fp32: the same network in another kernel order (outputs agree to

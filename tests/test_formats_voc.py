@@ -12,6 +12,8 @@ from test_prepare import assert_matches_json, png, read_shards
 from jobs.cli import run
 from jobs.prepare import main
 
+pytestmark = pytest.mark.slow
+
 
 def bccd(shared_data: Path) -> Path:
     return shared_data / "bccd"

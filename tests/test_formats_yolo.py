@@ -15,6 +15,8 @@ from jobs.prepare import main
 from pipelines.formats.annotations import shards_ground_truth
 from pipelines.evaluation.scoring import coco_stats
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def bccd_yolo(shared_data, tmp_path) -> tuple[Path, dict]:

@@ -30,6 +30,8 @@ from pipelines.inference import predictions
 from pipelines import storage
 from pipelines.inference.plan import PLAN_FILE
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"}]
 

@@ -29,6 +29,8 @@ from pipelines.inference import predictions
 from s3_fault_proxy import FaultProxy
 from test_infer import encode, parts_of, put, read_output, scene, tiny_checkpoint
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,8 @@ from retinanet.anchors import Anchors
 from retinanet.config import preset
 from retinanet.postprocess import feature_grid_sizes
 
+pytestmark = pytest.mark.slow
+
 
 def _anchors(cfg, shape):
     return Anchors(cfg.anchor_sizes, cfg.aspect_ratios)(shape, feature_grid_sizes(*shape), torch.device("cpu"),

@@ -15,6 +15,8 @@ from pipelines.images import pixel_limit
 from pipelines.images.pixel_limit import DECODE_MEMORY, DEFAULT_MAX_PIXELS, WORST_BYTES_PER_PIXEL
 from pipelines.images.transforms import ImageDecodeError, load_resized, probe_image
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 # Peak RSS from VmHWM: ru_maxrss would carry over the pytest parent's peak across fork and exec.
 MEASURE = """

@@ -17,6 +17,8 @@ from pipelines.formats.shards import SHARD_SCHEMA, read_manifest, shard_uris
 from pipelines.formats.synth import write_synth
 from conftest import SHARED_DATA
 
+pytestmark = pytest.mark.slow
+
 
 def read_shards(uri: str) -> tuple[list[dict], object]:
     """All rows of a shards folder (via pyarrow on the same file system Ray reads)."""

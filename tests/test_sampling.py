@@ -5,6 +5,8 @@ import pytest
 
 from pipelines.training.sampling import category_repeat_factors, epoch_sizes, image_repeat_counts, repeat_rows
 
+pytestmark = pytest.mark.slow
+
 
 def test_category_factors_follow_lvis_formula():
     factors = category_repeat_factors({1: 900, 2: 10, 3: 1, 4: 0}, num_images=1000, threshold=0.01)

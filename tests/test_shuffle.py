@@ -13,6 +13,8 @@ from pipelines.training.datasets import detection_dataset
 from pipelines.training.sampling import sample_keys
 from pipelines.training.shuffle import UNIT_ROWS, EpochOrder, read_rows
 
+pytestmark = pytest.mark.slow
+
 
 def test_units_cover_every_row_once_in_a_seeded_order_and_windows_hold_their_bytes():
     rows, sizes = (130, 0, 64, 5), (1300, 0, 6400, 50)  # 10, -, 100, 10 bytes per row

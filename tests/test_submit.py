@@ -16,6 +16,8 @@ from jobs.submit import runtime_env
 from pipelines.errors import UserError
 from ray_head import TcpProxy, clean_env, free_port
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

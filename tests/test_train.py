@@ -21,6 +21,8 @@ from pipelines import storage
 from pipelines.training.sampling import MAX_COPIES
 from pipelines.formats.synth import write_synth
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shards_on_s3(ray_local, s3_server, tmp_path_factory):
