@@ -3,7 +3,7 @@
     .venv/bin/python bench/infer.py [--num-images 1000] [--memory-images 1000 10000]
     python bench/infer.py --device cuda [--preset r50 --image-size 800 --amp bf16]   # GPU box, no Ray
 
-Figures (the issue's targets in brackets); results go to bench/results/infer-cpu.json (1, 2)
+Figures (targets in brackets); results go to bench/results/infer-cpu.json (1, 2)
 and infer-<device>-device.json (3), or to --output, with the run's provenance:
 1. pipeline efficiency (CPU, tiny preset): images/s of `jobs.infer` on a local Ray (1 detector
    actor with every core's torch threads, decode tasks beside it) over a folder of JPEGs, end to

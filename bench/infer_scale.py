@@ -3,7 +3,7 @@
     .venv/bin/python bench/infer_scale.py [--list-sizes 1000000 10000000] [--listing-keys 1000000]
         [--writers 1 2 4] [--parts 400] [--output bench/results/infer-scale.json]
 
-Figures (the issue's targets in brackets), saved to --output with the load average and the run's
+Figures (targets in brackets), saved to --output with the load average and the run's
 provenance (the machine is shared: figures move with other load):
 1. planning, each in a fresh process: an input list (Parquet, N URIs) and a listing of a local
    folder of K empty files, streamed into the plan (`plan.claim_plan`): wall time and the

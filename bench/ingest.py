@@ -3,7 +3,7 @@
     .venv/bin/python bench/ingest.py [--num-images 512] [--image-size 640] [--resize 512] [--cpus 2]
     .venv/bin/python bench/ingest.py --coco ../shared/data/coco128   # real photos instead of shapes
 
-Figures, side by side (the issue's targets in brackets):
+Figures, side by side (targets in brackets):
 1. images/s of shards on S3 -> decode -> resize -> flip -> uint8 batches ready for the device
    (`collate_pixels`; normalizing is the trainer's, on its device), through
    `pipelines.training.datasets.detection_dataset` on `--cpus` Ray CPUs and read the way
