@@ -4,16 +4,19 @@
 
 Rows: alpha-balanced cross entropy (focal gamma 0, alpha .75), focal loss at gamma 0.5 / 1 / 2 / 5
 with the paper's best alpha for each (Table 1b), OHEM with and without the 1:3 ratio (Table 1d,
-128 anchors per image, NMS 0.5), and focal gamma 2 without the prior initialisation (zero bias).
-Every row trains the tiny preset from scratch on the same generated data with the same steps,
+128 anchors per image, NMS 0.5), and focal gamma 2 and alpha-CE without the prior initialisation
+(zero bias). Every row trains the tiny preset from scratch on the same generated data with the same steps,
 batch, learning-rate schedule and seeds, in this one process (no Ray: the loss is what differs),
 and is scored with the project's COCO evaluation on a held-out set. A run whose loss turns
 non-finite is recorded as diverged (AP 0), which is the paper's point about the prior.
 
 Data: `pipelines.formats.synth` images of --tile px (default 64: 0-6 objects of 5-45 px), or
 --grid x --grid mosaics of them (more objects per image), with anchors from 8 px, so that as on
-COCO nearly every anchor is background; the share of negative anchors is measured with the
-training matcher and reported. On a loaded 2-core machine use --threads 1: with two, each
+COCO nearly every anchor is background. The imbalance is raised with --num-classes (up to 100:
+more negative terms per anchor) and --canvas (the same objects on a larger image: more negative
+anchors); negatives per positive are measured with the training matcher and reported. --split
+tune scores a second held-out set, for choosing a learning rate without looking at the test set.
+Tables, paired differences and plots: bench/ablation_report.py. On a loaded 2-core machine use --threads 1: with two, each
 thread waits on the other at every operator and a step took ~15x longer.
 """
 from __future__ import annotations
@@ -22,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,14 +35,13 @@ import torch
 
 import retinanet
 from pipelines.evaluation.scoring import coco_stats
-from pipelines.formats.synth import SHAPES, class_probabilities, generate_image
+from pipelines.formats.synth import class_name, class_probabilities, generate_image
 from pipelines.images.transforms import decode_image
 from retinanet.matching import BACKGROUND, IGNORE, match_anchors
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import provenance  # noqa: E402 - bench/provenance.py
 
-NUM_CLASSES = 3
 ANCHOR_SIZES = (8, 16, 32, 64, 128)  # for 5-45 px objects (the tiny preset's start at 16)
 
 # (name, RetinaNetConfig overrides, the paper's AP on COCO minival; Table 1a/b: ResNet-50, 1d: ResNet-101)
@@ -53,21 +54,25 @@ ROWS = [
     ("OHEM 1:3 (128/img, NMS .5)", dict(cls_loss="ohem", ohem_ratio=3.0), 31.1),
     ("OHEM (128/img, NMS .5)", dict(cls_loss="ohem"), 32.8),
     ("FL gamma 2, no prior (bias 0)", dict(focal_gamma=2.0, focal_alpha=0.25, prior_prob=0.0), None),
+    ("alpha-CE, no prior (bias 0)", dict(focal_gamma=0.0, focal_alpha=0.75, prior_prob=0.0), None),
 ]
+SPLIT_SEEDS = {"test": 2000, "tune": 3000}  # held-out sets: "tune" chooses learning rates, "test" reports
 
 
-def mosaic_dataset(count: int, seed: int, tile: int, grid: int) -> dict:
-    """`count` images of grid x grid synth tiles: normalized images, padded targets, COCO ground truth."""
-    probs = class_probabilities(NUM_CLASSES)
-    size = tile * grid
+def mosaic_dataset(count: int, seed: int, tile: int, grid: int, num_classes: int, canvas: int) -> dict:
+    """`count` images of grid x grid synth tiles of `canvas` px holding objects sized for `tile` px:
+    normalized images, padded targets, COCO ground truth."""
+    probs = class_probabilities(num_classes)
+    size = canvas * grid
     images = np.zeros((count, size, size, 3), np.uint8)
     boxes, labels, coco_images, annotations = [], [], [], []
     for i in range(count):
         image_boxes, image_labels = [], []
         for t in range(grid * grid):
-            data, anns = generate_image(i * grid * grid + t, seed=seed, image_size=tile, class_probs=probs)
-            ox, oy = tile * (t % grid), tile * (t // grid)
-            images[i, oy:oy + tile, ox:ox + tile] = decode_image(data)
+            data, anns = generate_image(i * grid * grid + t, seed=seed, image_size=canvas, class_probs=probs,
+                                        object_scale=tile)
+            ox, oy = canvas * (t % grid), canvas * (t // grid)
+            images[i, oy:oy + canvas, ox:ox + canvas] = decode_image(data)
             for cls, (x, y, w, h), area in anns:
                 image_boxes.append([x + ox, y + oy, x + ox + w, y + oy + h])
                 image_labels.append(cls)
@@ -86,7 +91,7 @@ def mosaic_dataset(count: int, seed: int, tile: int, grid: int) -> dict:
     mean = torch.tensor(retinanet.config.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(retinanet.config.IMAGENET_STD)[:, None, None]
     pixels = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    categories = [{"id": k + 1, "name": SHAPES[k]} for k in range(NUM_CLASSES)]
+    categories = [{"id": k + 1, "name": class_name(k)} for k in range(num_classes)]
     return {"images": pixels, "boxes": padded_boxes, "labels": padded_labels,
             "num_boxes": torch.tensor([len(b) for b in boxes]),
             "coco": {"images": coco_images, "annotations": annotations, "categories": categories}}
@@ -102,7 +107,11 @@ def anchor_shares(data: dict, cfg: retinanet.RetinaNetConfig) -> dict:
     matched = match_anchors(data["boxes"], data["num_boxes"], anchors, cfg.fg_iou, cfg.bg_iou,
                             cfg.allow_low_quality_matches)
     total = matched.numel()
-    return {"anchors_per_image": int(anchors.shape[0]),
+    negatives, positives = float((matched == BACKGROUND).sum()), float((matched >= 0).sum())
+    return {"anchors_per_image": int(anchors.shape[0]), "num_classes": cfg.num_classes,
+            "negatives_per_positive": negatives / positives,
+            # each anchor is num_classes binary terms; a positive anchor is one positive term
+            "negative_terms_per_positive": (negatives * cfg.num_classes + positives * (cfg.num_classes - 1)) / positives,
             "objects_per_image": round(float(data["num_boxes"].float().mean()), 2),
             "negative": float((matched == BACKGROUND).sum()) / total,
             "positive": float((matched >= 0).sum()) / total,
@@ -184,58 +193,6 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def plot(result: dict, png: str, longer: dict | None = None) -> None:
-    """AP by gamma for the focal rows (alpha-CE at gamma 0), the other rows as horizontal lines;
-    ours on the left (mean, error bar = half the range over seeds), the paper's on the right.
-    `longer`: a second result (the same rows trained longer), drawn as squares / dotted lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {r["row"]: r for r in result["rows"]}
-    gammas = {0: 0.0, 1: 0.5, 2: 1.0, 3: 2.0, 4: 5.0}
-    lines = {5: ("OHEM 1:3", "tab:orange"), 6: ("OHEM", "tab:red"), 7: ("FL gamma 2, no prior", "tab:gray")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, ours in zip(axes, (True, False)):
-        curve = [(g, rows[i]) for i, g in gammas.items() if i in rows]
-        ys = [r["AP"]["mean"] * 100 if ours else r["paper_AP"] for _, r in curve]
-        ax.errorbar([g for g, _ in curve], ys, yerr=[r["AP"]["spread"] * 100 for _, r in curve] if ours else None,
-                    marker="o", capsize=3, label="focal loss (gamma 0: alpha-CE, alpha .75)")
-        for i, (label, colour) in lines.items():
-            value = rows[i]["AP"]["mean"] * 100 if ours and i in rows else (rows[i]["paper_AP"] if i in rows else None)
-            if value is not None:
-                ax.axhline(value, color=colour, linestyle="--", label=label)
-        if ours and longer:
-            steps = longer["settings"]["steps"]
-            extra = {r["row"]: r for r in longer["rows"]}
-            points = [(g, extra[i]["AP"]) for i, g in gammas.items() if i in extra]
-            ax.errorbar([g for g, _ in points], [a["mean"] * 100 for _, a in points],
-                        yerr=[a["spread"] * 100 for _, a in points], marker="s", linestyle=":", capsize=3,
-                        color="tab:green", label=f"focal loss, {steps} steps")
-            for i, (label, colour) in lines.items():
-                if i in extra:
-                    ax.axhline(extra[i]["AP"]["mean"] * 100, color=colour, linestyle=":", label=f"{label}, {steps} steps")
-        ax.set_xlabel("gamma")
-        ax.set_ylabel("AP (%)")
-        ax.set_title("this project (tiny preset, CPU, synthetic small objects)" if ours
-                     else "paper, Table 1 (COCO minival; OHEM: ResNet-101)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(png, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def markdown_table(result: dict) -> str:
-    """The README table: ours (mean +- half range over seeds, in %) beside the paper's AP."""
-    lines = ["| row | AP | AP50 | AP75 | diverged | paper AP |", "|---|---|---|---|---|---|"]
-    for r in sorted(result["rows"], key=lambda r: r["row"]):
-        cells = [f"{r[k]['mean'] * 100:.1f} ± {r[k]['spread'] * 100:.1f}" for k in ("AP", "AP50", "AP75")]
-        paper = "diverges with CE (no number)" if r["paper_AP"] is None else f"{r['paper_AP']}"
-        lines.append(f"| {r['name']} | {' | '.join(cells)} | {r['diverged']}/{len(r['runs'])} | {paper} |")
-    return "\n".join(lines)
-
-
 def load_average() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -250,32 +207,28 @@ def main() -> None:
     parser.add_argument("--num-val", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rows", type=int, nargs="*", help="row indices of ROWS to run, in this order (default all)")
-    parser.add_argument("--tile", type=int, default=64, help="synth image side, px (objects 10-90 px per 128)")
+    parser.add_argument("--tile", type=int, default=64, help="object scale, px: objects 10-90 px per 128 (default 64)")
+    parser.add_argument("--canvas", type=int, help="synth image side, px (default --tile): larger adds background")
     parser.add_argument("--grid", type=int, default=1, help="tiles per side of a training image (2: 4x the objects)")
+    parser.add_argument("--num-classes", type=int, default=3, help="classes (beyond 10: shape and colour pairs)")
+    parser.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="test",
+                        help="held-out set scored: tune (to choose a learning rate) or test (default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--progress", type=int, default=0, help="print the loss every N steps (0: never)")
     parser.add_argument("--out", default="bench/results/ablation-cpu.json")
-    parser.add_argument("--plot", default="bench/results/ablation.png", help="where the plot goes")
-    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out, train nothing")
-    parser.add_argument("--longer", help="with --plot-only: a second results file (longer runs) to overlay")
     args = parser.parse_args()
-    if args.plot_only:
-        plot(json.load(open(args.out)), args.plot, json.load(open(args.longer)) if args.longer else None)
-        print(markdown_table(json.load(open(args.out))))
-        return
+    args.canvas = args.canvas or args.tile
     torch.set_num_threads(args.threads)
-    train = mosaic_dataset(args.num_train, seed=1000, tile=args.tile, grid=args.grid)
-    val = mosaic_dataset(args.num_val, seed=2000, tile=args.tile, grid=args.grid)
-    base = retinanet.preset("tiny", num_classes=NUM_CLASSES, anchor_sizes=ANCHOR_SIZES)
+    train = mosaic_dataset(args.num_train, 1000, args.tile, args.grid, args.num_classes, args.canvas)
+    val = mosaic_dataset(args.num_val, SPLIT_SEEDS[args.split], args.tile, args.grid, args.num_classes, args.canvas)
+    base = retinanet.preset("tiny", num_classes=args.num_classes, anchor_sizes=ANCHOR_SIZES)
     result = {
         "provenance": provenance(),
-        "command": "python " + " ".join(sys.argv),
-        "device": f"CPU, torch.set_num_threads({args.threads}); machine shared with other sessions",
-        "torch": torch.__version__, "python": platform.python_version(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "plot_only", "longer")} | {
-            "preset": "tiny", "anchor_sizes": ANCHOR_SIZES, "image_size": args.tile * args.grid,
-            "num_classes": NUM_CLASSES,
-            "data": f"{args.grid}x{args.grid} mosaics of synth {args.tile}px images (train seed 1000, val seed 2000)"},
+        "device": f"CPU, torch.set_num_threads({args.threads})",
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {
+            "preset": "tiny", "anchor_sizes": ANCHOR_SIZES, "image_size": args.canvas * args.grid,
+            "data": f"{args.grid}x{args.grid} mosaics of synth {args.canvas} px images, objects at {args.tile} px "
+                    f"scale (train seed 1000, {args.split} seed {SPLIT_SEEDS[args.split]})"},
         "anchors": anchor_shares(train, base),
         "load_average_start": load_average(), "rows": [],
     }
@@ -283,21 +236,20 @@ def main() -> None:
     for index in (args.rows if args.rows else range(len(ROWS))):  # in the order given: key rows first
         name, overrides, paper_ap = ROWS[index]
         cfg = base.replace(**overrides)
-        runs = []
+        row = {"row": index, "name": name, "overrides": overrides, "paper_AP": paper_ap, "runs": []}
+        result["rows"].append(row)
         for seed in args.seeds:
-            runs.append(train_and_score(cfg, train, val, args, seed))
-            runs[-1]["load_average"] = load_average().split("load average: ")[-1]
-            print(f"{name} seed {seed}: AP {runs[-1]['AP']:.4f} AP50 {runs[-1]['AP50']:.4f} AP75 {runs[-1]['AP75']:.4f} "
-                  f"({runs[-1]['train_seconds']} s{', diverged ' + runs[-1]['diverged'] if runs[-1]['diverged'] else ''}) "
+            run = train_and_score(cfg, train, val, args, seed)
+            run["load_average"] = load_average().split("load average: ")[-1]
+            row["runs"].append(run)
+            row.update(summarize(row["runs"]))
+            print(f"{name} seed {seed}: AP {run['AP']:.4f} AP50 {run['AP50']:.4f} AP75 {run['AP75']:.4f} "
+                  f"({run['train_seconds']} s{', diverged ' + run['diverged'] if run['diverged'] else ''}) "
                   f"| {load_average()}", flush=True)
-        result["rows"].append({"row": index, "name": name, "overrides": overrides, "paper_AP": paper_ap, **summarize(runs),
-                               "runs": runs})
-        result["load_average_end"] = load_average()
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:  # rewritten after every row, so a stopped run keeps what it measured
-            json.dump(result, f, indent=1)
-    plot(result, args.plot)
-    print(markdown_table(result))
+            result["load_average_end"] = load_average()
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:  # rewritten after every run, so a stopped run keeps what it measured
+                json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

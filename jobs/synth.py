@@ -8,7 +8,7 @@ import argparse
 import json
 
 from jobs.cli import run
-from pipelines.formats.synth import SHAPES, write_synth
+from pipelines.formats.synth import MAX_CLASSES, SHAPES, write_synth
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder or s3:// prefix for images/ and annotations.json")
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=128, help="side of the square images in pixels")
-    p.add_argument("--num-classes", type=int, default=3, help=f"1..{len(SHAPES)}: {', '.join(SHAPES)}")
+    p.add_argument("--num-classes", type=int, default=3, help=f"1..{MAX_CLASSES}: {', '.join(SHAPES)}, "
+                   f"then shape and colour pairs (default %(default)s)")
     p.add_argument("--long-tail", type=float, default=1.0,
                    help="head/tail class frequency ratio R of a power law (1 = balanced)")
     p.add_argument("--seed", type=int, default=0)

@@ -115,7 +115,7 @@ def test_evaluate(tmp_path):
 
 def test_ablation(tmp_path):
     script("ablation.py", "--steps", 2, "--warmup", 1, "--batch-size", 2, "--num-train", 4, "--num-val", 2,
-           "--seeds", 0, "--rows", 3, "--out", tmp_path / "ablation.json", "--plot", tmp_path / "ablation.png")
+           "--seeds", 0, "--rows", 3, "--out", tmp_path / "ablation.json")
     provenance_of(tmp_path / "ablation.json")
 
 

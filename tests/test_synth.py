@@ -95,7 +95,7 @@ def test_job_writes_to_s3(s3_bucket, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--num-classes", "11"], "--num-classes 11: must be 1..10"),
+    (["--num-classes", "101"], "--num-classes 101: must be 1..100"),
     (["--num-images", "0"], "--num-images 0: must be at least 1"),
     (["--image-size", "16"], "--image-size 16: must be at least 32"),
     (["--long-tail", "0.5"], "--long-tail 0.5: must be a head/tail ratio >= 1"),

@@ -8,7 +8,8 @@ one), about 1 image in 10 empty, on a noisy gradient background. Boxes are exact
 is drawn through a mask and its box is the mask's extent. Everything is a pure function of
 (seed, image index), so any image can be regenerated alone and output is byte-identical for a
 seed. ``long_tail=R`` makes class k appear with probability proportional to (k+1)^-a, with a
-chosen so that the most frequent class is R times the least frequent.
+chosen so that the most frequent class is R times the least frequent. Beyond ten classes a class
+is a (shape, colour) pair, up to 100, so that class count can approach COCO's 80.
 """
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ PALETTE = ((230, 60, 50), (40, 110, 235), (50, 185, 60), (245, 205, 30), (165, 6
            (20, 205, 215), (250, 130, 20), (245, 80, 175), (255, 255, 255), (15, 15, 15))
 MIN_OBJECT, MAX_OBJECT = 10 / 128, 90 / 128  # object size range as a fraction of the image side
 MAX_OBJECTS, EMPTY_FRACTION, MAX_HIDDEN = 6, 0.1, 0.4
+MAX_CLASSES = len(SHAPES) * len(PALETTE)
+
+
+def class_look(cls: int) -> tuple[str, tuple[int, int, int]]:
+    """(shape, colour) of class `cls`: the first ten are one shape each in its own colour; class
+    10j + k is shape k in the colour j places further along the palette, so every pair is distinct."""
+    shape = cls % len(SHAPES)
+    return SHAPES[shape], PALETTE[(shape + cls // len(SHAPES)) % len(PALETTE)]
+
+
+def class_name(cls: int) -> str:
+    shape, _ = class_look(cls)
+    return shape if cls < len(SHAPES) else f"{shape}-{cls // len(SHAPES)}"
 
 
 def class_probabilities(num_classes: int, long_tail: float = 1.0) -> np.ndarray:
@@ -88,19 +102,23 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(base + gradient + noise, 0, 255)
 
 
-def generate_image(index: int, *, seed: int, image_size: int, class_probs: np.ndarray):
-    """Image `index` of the set `seed`: (JPEG bytes, [(class index, [x, y, w, h], visible area)])."""
+def generate_image(index: int, *, seed: int, image_size: int, class_probs: np.ndarray,
+                   object_scale: int | None = None):
+    """Image `index` of the set `seed`: (JPEG bytes, [(class index, [x, y, w, h], visible area)]).
+    Object sizes follow `object_scale` px (default: the image side), so a larger canvas at a fixed
+    scale holds the same objects among more background."""
     rng = np.random.default_rng([seed, index])
     canvas = _background(rng, image_size)
     owner = np.full((image_size, image_size), -1, np.int16)  # which object shows at each pixel
     objects = []  # (class, x, y, mask)
     visible: list[int] = []  # pixels of each object still showing
     count = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
-    lo, hi = math.log(MIN_OBJECT * image_size), math.log(MAX_OBJECT * image_size)
+    scale = object_scale or image_size
+    lo, hi = math.log(MIN_OBJECT * scale), math.log(MAX_OBJECT * scale)
     for _ in range(count):
         cls = int(rng.choice(len(class_probs), p=class_probs))
         for _attempt in range(20):
-            mask = shape_mask(SHAPES[cls], max(3, int(round(math.exp(rng.uniform(lo, hi))))))
+            mask = shape_mask(class_look(cls)[0], max(3, int(round(math.exp(rng.uniform(lo, hi))))))
             h, w = mask.shape
             x, y = int(rng.integers(0, image_size - w + 1)), int(rng.integers(0, image_size - h + 1))
             covered = owner[y:y + h, x:x + w][mask]
@@ -109,7 +127,7 @@ def generate_image(index: int, *, seed: int, image_size: int, class_probs: np.nd
                 break
         else:
             continue  # no room left for this object without hiding others too much
-        colour = np.clip(np.asarray(PALETTE[cls]) + rng.uniform(-20, 20, size=3), 0, 255)
+        colour = np.clip(np.asarray(class_look(cls)[1]) + rng.uniform(-20, 20, size=3), 0, 255)
         canvas[y:y + h, x:x + w][mask] = colour
         owner[y:y + h, x:x + w][mask] = len(objects)
         visible = [v - int(c) for v, c in zip(visible, hidden)] + [int(mask.sum())]
@@ -129,8 +147,9 @@ def check_args(num_images: int, image_size: int, num_classes: int, long_tail: fl
         raise UserError(f"--num-images {num_images}: must be at least 1")
     if image_size < 32:
         raise UserError(f"--image-size {image_size}: must be at least 32 pixels")
-    if not 1 <= num_classes <= len(SHAPES):
-        raise UserError(f"--num-classes {num_classes}: must be 1..{len(SHAPES)} (one per shape: {', '.join(SHAPES)})")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise UserError(f"--num-classes {num_classes}: must be 1..{MAX_CLASSES} (shapes {', '.join(SHAPES)}; "
+                        f"beyond {len(SHAPES)}, shape and colour pairs)")
     if not (long_tail >= 1 and math.isfinite(long_tail)):
         raise UserError(f"--long-tail {long_tail}: must be a head/tail ratio >= 1 (1 = balanced)")
 
@@ -170,7 +189,7 @@ def write_synth(
                                         "bbox": box, "area": area, "iscrowd": 0})
             list(pool.map(save, batch))
             progress(f"synth: {min(start + chunk, num_images)}/{num_images} images")
-    categories = [{"id": k + 1, "name": SHAPES[k], "supercategory": "shape"} for k in range(num_classes)]
+    categories = [{"id": k + 1, "name": class_name(k), "supercategory": "shape"} for k in range(num_classes)]
     coco = {"info": {"description": "synthetic shapes", "seed": seed, "long_tail": long_tail},
             "images": images, "annotations": annotations, "categories": categories}
     storage.write_bytes_atomic(out.join("annotations.json").uri(), json.dumps(coco).encode())
