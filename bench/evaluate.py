@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from provenance import provenance  # noqa: E402 - bench/provenance.py
+
 DETECTION = pa.struct([("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()), ("y2", pa.float64()),
                        ("score", pa.float32()), ("category_id", pa.int32()), ("category", pa.string())])
 CONTENDERS = {

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import retinanet  # noqa: E402
 from pipelines.images.collate import collate_pixels, normalize_images  # noqa: E402
+
 from provenance import provenance  # noqa: E402  (bench/provenance.py)
 
 

@@ -32,6 +32,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import retinanet  # noqa: E402
+
 from model import _targets, torchvision_twin  # noqa: E402  (bench/model.py)
 from provenance import provenance  # noqa: E402  (bench/provenance.py)
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import retinanet  # noqa: E402
 from pipelines.inference.detector import Detector  # noqa: E402
+
 from provenance import provenance  # noqa: E402  (bench/provenance.py)
 
 

@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from pipelines.inference.bulk import CALLS_PER_GPU  # noqa: E402 - after the path set-up
+
 from provenance import provenance  # noqa: E402
 
 
@@ -135,10 +136,10 @@ def efficiency(workdir: Path, checkpoint: Path, args) -> dict:
 
 def memory_child(count: int, workdir: Path, args) -> None:
     """Run jobs.infer on `count` images and print peak memory as JSON (run in a fresh process)."""
-    from proctree import memory_bytes, process_tree
-
     from jobs import infer
     from pipelines.ray_runtime import ensure_ray
+
+    from proctree import memory_bytes, process_tree
 
     images = workdir / f"images-{count}"
     write_images(images, count, 120, 160)

@@ -101,8 +101,8 @@ def ray_stream(shards_uri: str, epochs: int, args, mark) -> int:
     device, each next epoch started as the previous one starts (`StartedBatches`). Counts the
     images after the first epoch; the epoch after the last is started and then stopped, so the
     counted epochs do the work of one head start in, as they do out (steady state)."""
-    from pipelines.training.epochs import StartedBatches
     from pipelines.training.datasets import PixelCollate, detection_dataset
+    from pipelines.training.epochs import StartedBatches
 
     def start(epoch: int) -> StartedBatches:
         ds, _ = detection_dataset(shards_uri, image_size=args.resize, max_size=args.max_size, train=True,

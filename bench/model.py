@@ -35,8 +35,9 @@ from provenance import provenance  # bench/provenance.py: bench/ is on the path 
 def torchvision_twin(ours: retinanet.RetinaNet) -> TorchvisionRetinaNet:
     """torchvision's RetinaNet with our architecture, loaded with our weights."""
     cfg = ours.config
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from copy import deepcopy
+
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     generator = AnchorGenerator(anchor_sizes(cfg.anchor_sizes), (cfg.aspect_ratios,) * 5)
     norm = partial(nn.GroupNorm, 32) if cfg.head_norm == "group" else None

@@ -26,15 +26,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from model import torchvision_twin  # noqa: E402
-from proctree import CpuSampler, cpu_seconds  # noqa: E402
-from provenance import provenance  # noqa: E402
-
 import retinanet  # noqa: E402
 from jobs import prepare, train  # noqa: E402
 from pipelines.formats.synth import write_synth  # noqa: E402
 from pipelines.images.collate import collate_detection_batch  # noqa: E402
 from pipelines.images.transforms import preprocess_batch  # noqa: E402
+
+from model import torchvision_twin  # noqa: E402
+from proctree import CpuSampler, cpu_seconds  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 def run_job(shards: str, out: str, args) -> tuple[float, dict[str, float]]:
@@ -78,6 +78,7 @@ def ddp_run(fn, world: int, *args) -> tuple[float, float]:
     its workers. Each rank returns (images, seconds, CPU seconds of its process tree) for its
     steps after the warm-up: (images/s of all ranks, CPU ms per image) comes back."""
     import torch.multiprocessing as mp
+
     from pipelines.ray_runtime import free_port
 
     results = mp.get_context("spawn").Manager().dict()

@@ -25,11 +25,10 @@ import time
 import numpy as np
 
 from jobs.cli import run
-from pipelines.evaluation import scoring as ev
-from pipelines.evaluation import report
-from pipelines.evaluation import sharded
-from pipelines.evaluation.progress import Progress
 from pipelines.errors import UserError
+from pipelines.evaluation import report, sharded
+from pipelines.evaluation import scoring as ev
+from pipelines.evaluation.progress import Progress
 
 _ERRORS_IN_REPORT = 1000  # error rows listed in report.json (all are counted)
 

@@ -26,13 +26,13 @@ import os
 import sys
 
 from jobs.cli import run
+from pipelines import storage
+from pipelines.errors import UserError
 from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.inference import bulk as inference
 from pipelines.inference import plan as plans
 from pipelines.inference import predictions, runtimes
 from pipelines.inference.bulk import PROGRESS_SECONDS
-from pipelines import storage
-from pipelines.errors import UserError
 
 TORCHVISION_PREFIX = "torchvision:"
 

@@ -19,8 +19,8 @@ import json
 import sys
 
 from jobs.cli import run
-from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.formats.prepare import DEFAULT_IMAGES_PER_SHARD, DEFAULT_MAX_SHARD_BYTES, FORMATS, prepare
+from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 
 
 def build_parser() -> argparse.ArgumentParser:

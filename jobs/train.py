@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 
-import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 

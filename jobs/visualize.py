@@ -19,12 +19,11 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from jobs.cli import run
-from pipelines.inference import bulk as inference
-from pipelines.inference import predictions
-from pipelines.formats import shards
 from pipelines import storage
 from pipelines.errors import UserError
+from pipelines.formats import shards
 from pipelines.images.transforms import ImageDecodeError, decode_image
+from pipelines.inference import predictions
 
 MAX_SIDE = 2048  # drawn images are scaled down to this: a 10000 px photo makes an unviewable PNG
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import fsspec
 import pyarrow.fs as pafs
@@ -47,7 +47,7 @@ class Location:
         path = self.path if path is None else path
         return path if self.protocol == "file" else f"{'gs' if self.protocol == 'gcs' else 's3'}://{path}"
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         return Location(self.fs, "/".join([self.path.rstrip("/"), *parts]), self.protocol)
 
 

@@ -104,14 +104,14 @@ class RetinaNetConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "RetinaNetConfig":
+    def from_dict(cls, values: dict) -> RetinaNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown RetinaNetConfig fields: {sorted(unknown)}")
         return cls(**values)
 
-    def replace(self, **changes) -> "RetinaNetConfig":
+    def replace(self, **changes) -> RetinaNetConfig:
         return dataclasses.replace(self, **changes)
 
 

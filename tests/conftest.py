@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.support.paths import SHARED_DATA
+
 _AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
              "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
 
@@ -112,7 +113,7 @@ def ray_head():
     Module-scoped on purpose: with it left running (session scope), a later local jobs.train
     run once hung in Ray Train's controller before starting its workers (not diagnosed).
     """
-    from ray_head import running_head
+    from tests.support.ray_head import running_head
 
     try:
         with running_head(num_cpus=4) as head:

@@ -23,9 +23,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from jobs.submit.follow import follow
 from jobs.submit.runtime_env import FORWARD_WARNING, build_runtime_env, parse_env_pairs, parse_json_object

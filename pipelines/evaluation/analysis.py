@@ -17,11 +17,10 @@ import numpy as np
 
 from pipelines.errors import UserError
 from pipelines.evaluation import confusion, errors, inputs, sharded
-from pipelines.evaluation.matching import GroundTruthColumns, ground_truth_columns
+from pipelines.evaluation.accumulate import RECALL_THRESHOLDS
+from pipelines.evaluation.matching import IOU_THRESHOLDS, GroundTruthColumns, ground_truth_columns
 from pipelines.evaluation.progress import Progress
 from pipelines.evaluation.scoring import STAT_NAMES, Evaluation, canonical_order, check_rows, check_unique_rows
-from pipelines.evaluation.accumulate import RECALL_THRESHOLDS
-from pipelines.evaluation.matching import IOU_THRESHOLDS
 
 
 @dataclass

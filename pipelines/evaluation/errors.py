@@ -29,7 +29,7 @@ import numpy as np
 
 from pipelines.evaluation.accumulate import RECALL_THRESHOLDS, _curves
 from pipelines.evaluation.greedy import match_groups
-from pipelines.evaluation.matching import IOU_THRESHOLDS, AREA_RANGES, GroundTruthColumns, _ranges, rank_within_runs
+from pipelines.evaluation.matching import AREA_RANGES, IOU_THRESHOLDS, GroundTruthColumns, _ranges, rank_within_runs
 
 STAGES = ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN")
 LOC_IOU = 0.1

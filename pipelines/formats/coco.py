@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipelines import storage
-from pipelines.formats import shards
 from pipelines.errors import UserError
+from pipelines.formats import shards
 
 MAX_EXAMPLES_PER_KIND = 20  # the manifest lists this many examples of each problem
 # A box crossing the image border by less than this (pixels) is clipped without counting it: the

@@ -12,8 +12,8 @@ caught here and listed in the manifest instead of stopping a training run weeks 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pipelines import storage
 from pipelines.errors import UserError

@@ -12,7 +12,8 @@ shards are cut by count, since a lazy listing has no sizes) is written as severa
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from pipelines import storage
 from pipelines.errors import UserError

@@ -17,8 +17,8 @@ import io
 import json
 import math
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 import posixpath
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from pipelines import storage
 from pipelines.errors import UserError

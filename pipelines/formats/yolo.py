@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import posixpath
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import yaml
 

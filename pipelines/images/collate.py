@@ -15,7 +15,8 @@ Targets are padded to the largest box count M in the batch (boxes with 0, labels
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -8,7 +8,7 @@ the same file. So each decode checks the size first: JPEGs decode at a reduced D
 refused as an undecodable image naming their size, before any pixel is allocated.
 
 `DEFAULT_MAX_PIXELS` follows from `DECODE_MEMORY` (what one decode may hold) divided by the
-worst case bytes per pixel measured for the formats PIL reads here (tests/test_pixel_limit.py).
+worst case bytes per pixel measured for the formats PIL reads here (tests/pipelines/images/test_pixel_limit.py).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError

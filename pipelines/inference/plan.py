@@ -19,8 +19,8 @@ import itertools
 import json
 import logging
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -25,8 +25,13 @@ def quantize_int8(onnx_bytes: bytes, batches: Iterable[np.ndarray], calibration:
     """The QDQ int8 graph of `onnx_bytes`, activation ranges from `batches` (normalized NCHW
     float32, as `Detector.network_input` makes them); `calibration` names them in the metadata."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from retinanet.export import METADATA_KEY

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa

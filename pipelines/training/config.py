@@ -78,7 +78,7 @@ class TrainConfig:
     threads_per_worker: int | None = None
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -114,7 +114,7 @@ class TrainConfig:
                             f"use a multiple of {need}")
 
     def resolved(self, *, model: dict, categories: list[dict], backbone_weights: str | None,
-                 epoch_sizes: list[int], max_steps: int) -> "TrainConfig":
+                 epoch_sizes: list[int], max_steps: int) -> TrainConfig:
         """The config the workers run: the model, the epoch plan, and the defaults that follow from them."""
         values = self.to_dict()
         global_batch = self.global_batch or self.batch_size * self.num_workers

@@ -15,14 +15,13 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.collate_fn import ArrowBatchCollateFn, NumpyBatchCollateFn
 
-from pipelines.formats import coco
-from pipelines.formats import shards
 from pipelines import storage
 from pipelines.errors import UserError
+from pipelines.formats import coco, shards
 from pipelines.formats.annotations import train_image_counts
 from pipelines.formats.shards import COCO_ANNOTATIONS, COCO_IMAGES, Manifest, input_kind, read_manifest
-from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.images.collate import arrow_columns, collate_detection_batch, collate_pixels
+from pipelines.images.pixel_limit import DEFAULT_MAX_PIXELS
 from pipelines.images.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
 from pipelines.training.sampling import category_repeat_factors, drop_keys, repeat_rows
 from pipelines.training.shuffle import WINDOW_BYTES, shuffled_epoch

@@ -53,7 +53,7 @@ class EpochOrder:
     window_bytes: int = WINDOW_BYTES
 
     @classmethod
-    def of_shards(cls, uris: list[str], shards: list[dict], seed: int, window_bytes: int = WINDOW_BYTES) -> "EpochOrder":
+    def of_shards(cls, uris: list[str], shards: list[dict], seed: int, window_bytes: int = WINDOW_BYTES) -> EpochOrder:
         """From the manifest's shard entries ({"num_images", "num_bytes"}) of `uris`."""
         return cls(tuple(uris), tuple(int(s["num_images"]) for s in shards),
                    tuple(int(s.get("num_bytes") or 0) for s in shards), seed, window_bytes)
