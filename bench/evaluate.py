@@ -179,11 +179,12 @@ def main(argv: list[str] | None = None) -> None:
                                  peak_tree_rss_mb=tree_peak / 2 ** 20)
         report(figures)
         load_after = os.getloadavg()
-        print("load average (1, 5, 15 min) at the end: %.1f %.1f %.1f" % load_after)
+        print("load average (1, 5, 15 min) at the end: {:.1f} {:.1f} {:.1f}".format(*load_after))
         if args.save:
             _save(Path(args.save), {"provenance": origin, "images": args.images,
                                     "detections_per_image": args.detections,
-                                    "files": args.files, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                                    "files": args.files, "cpus": os.cpu_count(),
+                                    "date": time.strftime("%Y-%m-%d %H:%M"),
                                     "load_average_before": load_before, "load_average_after": load_after,
                                     "contenders": figures})
 

@@ -97,7 +97,7 @@ def bench_train(ours, tv, size, batch, precision, device, repeats, warmup):
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                               momentum=0.9)
 
-        def step():
+        def step(forward=forward, opt=opt):
             with _autocast(device, precision):
                 losses = forward()
             opt.zero_grad(set_to_none=True)
@@ -119,7 +119,7 @@ def bench_infer(ours, tv, size, batch, precision, device, repeats, warmup):
             ("torchvision", tv, lambda: tv(images))):
         model.eval()
 
-        def run():
+        def run(forward=forward):
             with torch.inference_mode(), _autocast(device, precision):
                 forward()
         rows[name] = _median_s(run, device, repeats, warmup)

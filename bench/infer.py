@@ -235,7 +235,8 @@ def device_run(args) -> dict:
         smi.terminate()
         samples = [float(v) for v in smi.communicate()[0].split() if v.replace(".", "").isdigit()]
         util = float(np.mean(samples[len(samples) // 5:])) if samples else None  # skip the warm-up fifth
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'} x{os.cpu_count()}"
+    name = (torch.cuda.get_device_name() if args.device == "cuda"
+            else f"{platform.processor() or 'cpu'} x{os.cpu_count()}")
     return {"device": name, "preset": args.preset, "image_size": args.image_size, "amp": args.amp,
             "batch_size": args.batch_size, "images_per_s": done_images / wall, "gpu_util_pct": util,
             "torch": torch.__version__}

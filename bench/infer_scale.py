@@ -91,7 +91,8 @@ def synthetic_part_rows(unit: int, rows: int = 256, per_image: int = 20):
     dets = predictions.detections_array(np.full(rows, per_image), np.ones(rows, bool), boxes,
                                         rng.uniform(0.05, 1, n).astype(np.float32), rng.integers(0, 80, n),
                                         [{"id": i + 1, "name": f"class-{i}"} for i in range(80)])
-    return pa.table({"image_id": pa.nulls(rows, pa.int64()), "uri": [f"s3://photos/{unit}/{i}.jpg" for i in range(rows)],
+    return pa.table({"image_id": pa.nulls(rows, pa.int64()),
+                     "uri": [f"s3://photos/{unit}/{i}.jpg" for i in range(rows)],
                      "width": pa.array(np.full(rows, 640, np.int32)), "height": pa.array(np.full(rows, 480, np.int32)),
                      "detections": dets, "error": pa.nulls(rows, pa.string()), "model": ["bench"] * rows})
 

@@ -230,7 +230,8 @@ def prepare_peak_memory(num_images: int, workdir: Path, images_per_shard: int) -
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     log = open(workdir / f"prepare-{num_images}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.prepare", "--images", str(src / "images"),
-                             "--annotations", str(src / "annotations.json"), "--output", str(workdir / f"out-{num_images}"),
+                             "--annotations", str(src / "annotations.json"),
+                             "--output", str(workdir / f"out-{num_images}"),
                              "--images-per-shard", str(images_per_shard)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     peak = {"driver_rss": 0, "tree_pss": 0}
@@ -281,10 +282,11 @@ def main() -> None:
         loader = make_loader(bucket, src, args)
         roots = [os.getpid(), moto.pid]  # Ray's and the DataLoader's workers are descendants
         runs = {"ray": [], "loader": []}
+        shards = f"s3://{bucket}/shards"
         for _ in range(args.rounds):  # interleaved, so a busy moment hits both pipelines
-            runs["ray"].append(measured(lambda mark: ray_stream(f"s3://{bucket}/shards", args.epochs, args, mark), roots))
+            runs["ray"].append(measured(lambda mark: ray_stream(shards, args.epochs, args, mark), roots))
             runs["loader"].append(measured(lambda mark: loader_stream(loader, args.epochs, mark), roots))
-        del loader
+        loader = None  # drops the DataLoader, so its persistent workers exit now, before Ray and moto stop
         ray.shutdown()
     finally:
         moto.terminate()
@@ -317,20 +319,20 @@ def report(args, manifest, runs, train, memory) -> None:
     (ray_rate, ray_cpu), (loader_rate, loader_cpu) = steady["ray"], steady["loader"]
     print(f"Ray vs DataLoader: {ray_rate / loader_rate:.2f}x measured, {loader_cpu / ray_cpu:.2f}x by CPU per image "
           f"(target >= 1.5x)")
-    print(f"Ray vs tiny training: {ray_rate / train_rate:.1f}x measured, {train_cpu_ms / ray_cpu:.1f}x by CPU per image "
-          f"(target >= 3x)")
+    print(f"Ray vs tiny training: {ray_rate / train_rate:.1f}x measured, "
+          f"{train_cpu_ms / ray_cpu:.1f}x by CPU per image (target >= 3x)")
     if memory:
         print(f"\n{'prepare, synthetic 128px':<32}{'shards':>7}{'driver peak RSS MB':>20}{'tree peak PSS MB':>18}"
               f"{'seconds':>9}")
         for (n, per_shard), m in memory.items():
-            print(f"{n:>6} images, {per_shard:>4} per shard{'':<5}{-(-n // per_shard):>7}{m['driver_rss'] / 2**20:>20.0f}"
-                  f"{m['tree_pss'] / 2**20:>18.0f}{m['seconds']:>9.1f}")
+            print(f"{n:>6} images, {per_shard:>4} per shard{'':<5}{-(-n // per_shard):>7}"
+                  f"{m['driver_rss'] / 2**20:>20.0f}{m['tree_pss'] / 2**20:>18.0f}{m['seconds']:>9.1f}")
         for per_shard in args.memory_shard_sizes:
             small, big = (memory.get((n, per_shard)) for n in (min(args.memory_sizes), max(args.memory_sizes)))
             if small and big and small is not big:
                 print(f"ratio {max(args.memory_sizes)}/{min(args.memory_sizes)} images at {per_shard} per shard: "
-                      f"driver {big['driver_rss'] / small['driver_rss']:.2f}, tree {big['tree_pss'] / small['tree_pss']:.2f}"
-                      f" (target <= 1.2)")
+                      f"driver {big['driver_rss'] / small['driver_rss']:.2f}, "
+                      f"tree {big['tree_pss'] / small['tree_pss']:.2f} (target <= 1.2)")
 
 
 if __name__ == "__main__":

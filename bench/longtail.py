@@ -42,8 +42,8 @@ def predictions(model, root: str) -> np.ndarray:
         for info, det in zip(infos, model.predict(images)):
             boxes = det["boxes"].double()
             ids = torch.tensor([model.categories[int(label)]["id"] for label in det["labels"]], dtype=torch.float64)
-            rows.append(torch.stack([torch.full_like(ids, info["id"]), boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0],
-                                     boxes[:, 3] - boxes[:, 1], det["scores"].double(), ids], 1).numpy())
+            xywh = [boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]]
+            rows.append(torch.stack([torch.full_like(ids, info["id"]), *xywh, det["scores"].double(), ids], 1).numpy())
     return np.concatenate(rows) if rows else np.zeros((0, 7))
 
 

@@ -66,7 +66,8 @@ def _targets(batch: int, size: int, num_classes: int, seed: int = 0):
     for _ in range(batch):
         xy = torch.rand(6, 2, generator=g) * size * 0.7
         wh = torch.rand(6, 2, generator=g) * size * 0.25 + 8
-        per_image.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(0, num_classes, (6,), generator=g)})
+        per_image.append({"boxes": torch.cat([xy, xy + wh], 1),
+                          "labels": torch.randint(0, num_classes, (6,), generator=g)})
     return per_image
 
 
@@ -78,7 +79,8 @@ def bench_training(preset: str, size: int, batch: int, repeats: int) -> tuple[fl
     targets = _targets(batch, size, 80)
     mean = torch.tensor(ours.config.image_mean)[:, None, None]
     std = torch.tensor(ours.config.image_std)[:, None, None]
-    padded = {"boxes": torch.stack([t["boxes"] for t in targets]), "labels": torch.stack([t["labels"] for t in targets]),
+    padded = {"boxes": torch.stack([t["boxes"] for t in targets]),
+              "labels": torch.stack([t["labels"] for t in targets]),
               "num_boxes": torch.full((batch,), 6)}
     sizes = [[size, size]] * batch
 
@@ -119,7 +121,8 @@ def bench_postprocess(batch: int, size: int, repeats: int) -> tuple[float, float
         tv_out = tv.postprocess_detections(split, tv_anchors, [(size, size)] * batch)
         same = all(torch.equal(a["labels"], b["labels"]) and torch.allclose(a["boxes"], b["boxes"])
                    for a, b in zip(ours_out, tv_out))
-        t_ours = _timed(lambda: postprocess_detections(outputs, anchors, level_sizes, image_sizes, ours.config, ours.box_coder), repeats)
+        t_ours = _timed(lambda: postprocess_detections(outputs, anchors, level_sizes, image_sizes, ours.config,
+                                                       ours.box_coder), repeats)
         t_tv = _timed(lambda: tv.postprocess_detections(split, tv_anchors, [(size, size)] * batch), repeats)
     print(f"  (same detections as torchvision: {same}; fewest candidates over 0.05 in a level: {min_candidates})")
     return t_ours, t_tv, min_candidates

@@ -88,7 +88,8 @@ def detectors(args, files: dict[str, Path], threads: int) -> dict:
     out = {}
     for rt, pr in pairs(args):
         path, precision = variant(files, rt, pr)
-        out[(rt, pr)] = Detector(path.read_bytes(), model_name="bench", runtime=rt, precision=precision, threads=threads)
+        out[(rt, pr)] = Detector(path.read_bytes(), model_name="bench", runtime=rt, precision=precision,
+                                 threads=threads)
     return out
 
 
@@ -139,7 +140,9 @@ def end_to_end(args, files: dict[str, Path], workdir: Path) -> list[dict]:
         argv = ["--model", str(model), "--input", str(images), "--output", str(out), "--num-actors", "1",
                 "--cpus-per-actor", str(os.cpu_count() or 1), "--batch-size", str(args.batch_size),
                 "--image-size", str(args.image_size), "--unit-size", str(args.unit_size),
-                "--runtime", rt, "--precision", precision] + (["--coco-json", str(out / "results.json")] if args.coco_json else [])
+                "--runtime", rt, "--precision", precision]
+        if args.coco_json:
+            argv += ["--coco-json", str(out / "results.json")]
         before, start = machine_busy_seconds(), time.perf_counter()
         stats = infer.run_job(infer.build_parser().parse_args(argv))
         wall, cpu = time.perf_counter() - start, machine_busy_seconds() - before
@@ -231,7 +234,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         files = model_files(args, data, Path(tmp))
         paths = write_images(Path(tmp) / "net", args.batch_size, 480, 640)
-        table = pa.table({"uri": [str(p) for p in paths], "image": pa.array([p.read_bytes() for p in paths], pa.binary())})
+        table = pa.table({"uri": [str(p) for p in paths],
+                          "image": pa.array([p.read_bytes() for p in paths], pa.binary())})
         rows = preprocess_images_batch(table, min_size=args.image_size, max_size=round(args.image_size * 1333 / 800))
         result["network"] = network_only(args, files, rows)
         for r in result["network"]:

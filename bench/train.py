@@ -189,13 +189,15 @@ class CocoImages(torch.utils.data.Dataset):
         labels = torch.tensor([c for _, c in pairs], dtype=torch.int64)
         if torch.rand(()) < 0.5:
             image = image.flip(-1)
-            boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1], image.shape[-1] - boxes[:, 0], boxes[:, 3]], 1)
+            width = image.shape[-1]
+            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
         return image, {"boxes": boxes, "labels": labels}
 
 
 def torchvision_rank(rank: int, world: int, root: str, num_classes: int, args):
     torch.manual_seed(0)
-    ours = retinanet.build("tiny", num_classes=num_classes, min_size=args.size, max_size=int(round(args.size * 1333 / 800)))
+    ours = retinanet.build("tiny", num_classes=num_classes, min_size=args.size,
+                           max_size=int(round(args.size * 1333 / 800)))
     model = torchvision_twin(ours).train()
     ddp_model = _ddp(model)
     dataset = CocoImages(root, num_classes)
@@ -268,8 +270,8 @@ def main() -> None:
     for r, f in enumerate(rounds):
         cpu = f["cpu_ms_per_image"]
         print(f"round {r + 1}")
-        print(f"{f'jobs.train (Ray Data -> Ray Train, {args.workers} workers)':52s} {f['jobs_train_images_per_s']:9.2f} "
-              f"{sum(cpu['jobs_train'].values()):13.1f}")
+        print(f"{f'jobs.train (Ray Data -> Ray Train, {args.workers} workers)':52s} "
+              f"{f['jobs_train_images_per_s']:9.2f} {sum(cpu['jobs_train'].values()):13.1f}")
         print(f"{'same model on in-memory batches':52s} {f['in_memory_images_per_s']:9.2f} {cpu['in_memory']:13.1f}"
               f"   efficiency {f['pipeline_efficiency']:.2f}")
         print(f"{'torchvision RetinaNet + DataLoader (references style)':52s} {f['torchvision_images_per_s']:9.2f} "

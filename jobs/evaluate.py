@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "sharded":
         if args.workers is not None and args.workers < 1:
             raise UserError(f"--workers {args.workers}: give a positive number of tasks")
-        scored = sharded.score(args.predictions, ground_truth, protocol, max_dets, args.workers, args.executor, progress)
+        scored = sharded.score(args.predictions, ground_truth, protocol, max_dets, args.workers, args.executor,
+                               progress)
     else:
         scored = _score_with_coco_api(args, ground_truth, protocol, max_dets, progress)
     evaluation = scored.evaluation

@@ -122,7 +122,8 @@ def compare(eager, exported, rows: pa.Table) -> dict:
         for name, value in ours.items():
             if value is not None:
                 worst["outputs"] = max(worst["outputs"], float((value - theirs[name]).abs().max()))
-        for a, b in zip(eager.detect(batch["pixels"], heights, widths), exported.detect(batch["pixels"], heights, widths)):
+        for a, b in zip(eager.detect(batch["pixels"], heights, widths),
+                        exported.detect(batch["pixels"], heights, widths)):
             if a["labels"].shape != b["labels"].shape or not bool((a["labels"] == b["labels"]).all()):
                 worst["detections_differ"] += 1
                 continue
@@ -143,7 +144,8 @@ def quantized(args, eager, data: bytes, rows: pa.Table, identity: str) -> bytes:
     batches = []
     for i in range(calibration.num_rows):
         one = calibration.slice(i, 1)
-        images, _ = eager.network_input(one["pixels"], *(one[c].to_numpy().astype(np.int64) for c in ("height", "width")))
+        sizes = (one[c].to_numpy().astype(np.int64) for c in ("height", "width"))
+        images, _ = eager.network_input(one["pixels"], *sizes)
         batches.append(images.numpy())
     start = time.perf_counter()
     data = quantize_int8(data, batches, calibration=args.int8)
@@ -191,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         data = quantized(args, eager, data, rows, identity)
     storage.write_bytes_atomic(args.output, data)
     meta = read_metadata(data)
-    print(f"exported {identity} -> {args.output} ({'int8, ' if args.int8 else ''}{len(data) / 2**20:.1f} MiB, opset {args.opset}, "
-          f"{seconds:.1f} s; {len(meta['categories'])} classes, outputs {', '.join(meta['outputs'])})", file=sys.stderr)
+    print(f"exported {identity} -> {args.output} ({'int8, ' if args.int8 else ''}{len(data) / 2**20:.1f} MiB, "
+          f"opset {args.opset}, {seconds:.1f} s; {len(meta['categories'])} classes, "
+          f"outputs {', '.join(meta['outputs'])})", file=sys.stderr)
     return 0
 
 

@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=int, default=1,
                    help="CPUs each detector reserves (torch threads on CPU) (default 1)")
     p.add_argument("--decode-threads", type=int,
-                   help="read+decode threads per detector, ahead of its model (default: --cpus-per-actor; with "
-                        f"--use-gpu {inference.GPU_DECODE_THREADS}: reserve them with --cpus-per-actor on shared nodes)")
-    p.add_argument("--score-threshold", type=float, help="keep detections scoring above this (default: the model's, 0.05)")
+                   help="read+decode threads per detector, ahead of its model (default: --cpus-per-actor; "
+                        f"with --use-gpu {inference.GPU_DECODE_THREADS}: reserve them with --cpus-per-actor "
+                        "on shared nodes)")
+    p.add_argument("--score-threshold", type=float,
+                   help="keep detections scoring above this (default: the model's, 0.05)")
     p.add_argument("--max-detections", type=int, default=100, help="detections kept per image (default 100)")
     p.add_argument("--image-size", type=int, help="shorter side after resize (default: the model's, 800 for R50); "
                                                   "longer side at most S x 1333/800")
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error-fraction", type=float, metavar="F",
                    help="exit 1 when more than this fraction of this run's images are error rows")
     p.add_argument("--shared-mount", action="store_true",
-                   help="local paths are a mount every node of the cluster sees (otherwise refused on a multi-node cluster)")
+                   help="local paths are a mount every node of the cluster sees "
+                        "(otherwise refused on a multi-node cluster)")
     p.add_argument("--progress-every", type=float, default=PROGRESS_SECONDS, metavar="SECONDS",
                    help=f"seconds between progress lines (default {PROGRESS_SECONDS:.0f})")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray instance (default: max(4, cores))")
@@ -184,7 +187,8 @@ def load_model(spec: str, runtime: str = "torch") -> tuple[object, list[dict], b
             raise UserError(f"--model {spec}: not a retinanet-ray checkpoint, a torchvision RetinaNet state dict "
                             f"nor a jobs.export file ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); give jobs.train's model.pt, "
-                            "torch.save(model.state_dict()) of a torchvision RetinaNet, or jobs.export's .onnx") from None
+                            "torch.save(model.state_dict()) of a torchvision RetinaNet, "
+                            "or jobs.export's .onnx") from None
     if runtime != "torch":
         data = export.export_onnx(model, source=identity)
     return model.config, model.categories, data, identity

@@ -83,7 +83,8 @@ def seesaw_loss(logits: torch.Tensor, labels: torch.Tensor, class_counts: torch.
 def check_targets(boxes: torch.Tensor, labels: torch.Tensor, num_boxes: torch.Tensor,
                   num_classes: int, image_ids: torch.Tensor | None = None) -> None:
     """Reject degenerate or non-finite boxes and out-of-range labels, naming image and box."""
-    if boxes.dim() != 3 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:2] or num_boxes.shape != boxes.shape[:1]:
+    if (boxes.dim() != 3 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:2]
+            or num_boxes.shape != boxes.shape[:1]):
         raise ValueError(f"targets must be boxes [B, M, 4], labels [B, M], num_boxes [B]; got "
                          f"{tuple(boxes.shape)}, {tuple(labels.shape)}, {tuple(num_boxes.shape)}")
     valid = torch.arange(boxes.shape[1], device=boxes.device)[None, :] < num_boxes[:, None]
@@ -116,7 +117,8 @@ def detection_losses(head_outputs: dict, anchors: torch.Tensor, targets: dict, c
         gt_labels = labels.gather(1, gt_index).clamp(min=0)
         gt_boxes = boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))
     normalizer = positives_normalizer(positive.sum())
-    _LAST.positives, _LAST.normalizer = _LAST.latest, float(normalizer)  # (OHEM's classification term has its own: not re-weighted exactly)
+    # (OHEM's classification term has its own normalizer: not re-weighted exactly)
+    _LAST.positives, _LAST.normalizer = _LAST.latest, float(normalizer)
 
     losses = {}
     if cfg.cls_loss in ("focal", "ohem"):
@@ -132,7 +134,8 @@ def detection_losses(head_outputs: dict, anchors: torch.Tensor, targets: dict, c
         losses["classification"] = (cross_entropy * hard).sum() / positives_normalizer(hard.sum())
     else:
         objectness = head_outputs["objectness"].float()
-        focal = sigmoid_focal_loss(objectness, positive.to(objectness), cfg.focal_alpha, cfg.focal_gamma, reduction="none")
+        focal = sigmoid_focal_loss(objectness, positive.to(objectness), cfg.focal_alpha, cfg.focal_gamma,
+                                   reduction="none")
         losses["objectness"] = (focal * counted).sum() / normalizer
         pos_labels = gt_labels[positive]
         if class_counts is not None:

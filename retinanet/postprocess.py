@@ -115,8 +115,10 @@ def postprocess_detections(head_outputs: dict, anchors: torch.Tensor, level_size
     kept_anchors = top_anchors[image_index, slot]
     boxes = box_coder.decode_single(deltas[image_index, kept_anchors], anchors[kept_anchors].to(deltas))
     sizes = image_sizes.to(boxes.device)[image_index].to(boxes.dtype)  # (h, w)
-    boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
-                         boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]), boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])], dim=1)
+    boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(sizes[:, 1]),
+                         boxes[:, 1].clamp(min=0).minimum(sizes[:, 0]),
+                         boxes[:, 2].clamp(min=0).minimum(sizes[:, 1]),
+                         boxes[:, 3].clamp(min=0).minimum(sizes[:, 0])], dim=1)
 
     keep = classwise_nms(boxes, kept_scores, kept_labels, image_index, batch, cfg.nms_thresh)
     kept_images = image_index[keep]
@@ -125,5 +127,5 @@ def postprocess_detections(head_outputs: dict, anchors: torch.Tensor, level_size
     rank = torch.arange(len(keep), device=keep.device) - first[kept_images]
     keep = keep[rank < cfg.detections_per_img]
     per_image = counts.clamp(max=cfg.detections_per_img).tolist()
-    return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(
+    return [{"boxes": b, "scores": s, "labels": labels} for b, s, labels in zip(
         boxes[keep].split(per_image), kept_scores[keep].split(per_image), kept_labels[keep].split(per_image))]

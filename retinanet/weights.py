@@ -122,7 +122,8 @@ def load_checkpoint(source: str | os.PathLike | BinaryIO | bytes | dict, map_loc
         if "head.classification_head.cls_logits.weight" in payload:
             model = from_torchvision(payload)
             return model, {"format": "torchvision", "step": 0, "categories": model.categories}
-        raise ValueError(f"not a retinanet-ray checkpoint (format {payload.get('format')!r}) nor a torchvision state dict")
+        raise ValueError(f"not a retinanet-ray checkpoint (format {payload.get('format')!r}) "
+                         "nor a torchvision state dict")
     model = RetinaNet(RetinaNetConfig.from_dict(payload["config"]), categories=payload["categories"])
     model.load_state_dict(payload["model"], strict=True)
     return model.eval(), payload
@@ -144,7 +145,8 @@ def named_weights(name: str):
     try:
         return torchvision.models.get_weight(name)
     except (ValueError, KeyError, AttributeError):
-        raise ValueError(f"unknown torchvision weights {name!r}; expected e.g. {IMAGENET_WEIGHTS['resnet50']}") from None
+        raise ValueError(f"unknown torchvision weights {name!r}; "
+                         f"expected e.g. {IMAGENET_WEIGHTS['resnet50']}") from None
 
 
 def fine_tune_config(donor: RetinaNetConfig, **changes) -> RetinaNetConfig:

@@ -211,7 +211,8 @@ def _suffix_max(values: np.ndarray, seg: np.ndarray) -> np.ndarray:
     return out
 
 
-_STAGE_COLORS = ((.97, .97, .97), (.85, .85, .85), (.31, .51, .74), (.75, .31, .30), (.36, .90, .38), (.50, .39, .64), (1, .6, 0))
+_STAGE_COLORS = ((.97, .97, .97), (.85, .85, .85), (.31, .51, .74), (.75, .31, .30), (.36, .90, .38), (.50, .39, .64),
+                 (1, .6, 0))
 
 
 def breakdown_csv(stages: np.ndarray, categories: list[dict]) -> str:

@@ -42,7 +42,8 @@ def lvis_summary_lines(stats: dict[str, float], max_dets: int, iou_thresholds=(0
     lines = []
     for key, value in stats.items():
         kind = "AP" if "AP" in key else "AR"
-        iou = f"{float(key[2:]) / 100:0.2f}" if key[2:3].isdigit() else f"{iou_thresholds[0]:0.2f}:{iou_thresholds[-1]:0.2f}"
+        iou = (f"{float(key[2:]) / 100:0.2f}" if key[2:3].isdigit()
+               else f"{iou_thresholds[0]:0.2f}:{iou_thresholds[-1]:0.2f}")
         group = key[2] if key[2:3] in ("r", "c", "f") else "all"
         area = key[2] if key[2:3] in ("s", "m", "l") else "all"
         title = "Average Precision" if kind == "AP" else "Average Recall"

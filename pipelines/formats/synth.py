@@ -137,7 +137,8 @@ def generate_image(index: int, *, seed: int, image_size: int, class_probs: np.nd
     anns = []
     for j, (cls, x, y, mask) in enumerate(objects):
         rows, cols = np.nonzero(mask)
-        box = [x + int(cols.min()), y + int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)]
+        box = [x + int(cols.min()), y + int(rows.min()), int(cols.max() - cols.min() + 1),
+               int(rows.max() - rows.min() + 1)]
         anns.append((cls, box, visible[j]))
     return buf.getvalue(), anns
 

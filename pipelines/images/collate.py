@@ -76,8 +76,9 @@ def binary_views(column) -> list[np.ndarray]:
 
 def collate_pixels(batch: dict, size_divisible: int = 128) -> dict[str, torch.Tensor]:
     """Rows (numpy columns, or `arrow_columns` of a Table) -> ``pixels`` uint8 [n, H, W, 3]
-    (zero-padded at the bottom/right to a multiple of `size_divisible`), ``image_sizes`` [n, 2], padded ``boxes``/``labels``, ``num_boxes``,
-    ``image_id``, ``copy``, ``scale``, ``original_sizes``. No torch computation (see module doc)."""
+    (zero-padded at the bottom/right to a multiple of `size_divisible`), ``image_sizes`` [n, 2],
+    padded ``boxes``/``labels``, ``num_boxes``, ``image_id``, ``copy``, ``scale``, ``original_sizes``.
+    No torch computation (see module doc)."""
     import torch
 
     heights = np.asarray(batch["height"], np.int64)

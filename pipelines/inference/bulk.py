@@ -129,9 +129,9 @@ def run_inference(plan: plans.Plan, done: np.ndarray, output: str, checkpoint, m
                 "checkpoint": ref, "output": output, "chunk": o.batch_size,
                 "threads": o.decode_threads or (GPU_DECODE_THREADS if o.use_gpu else o.cpus_per_actor),
                 "decode": {"min_size": o.min_size, "max_size": o.max_size, "max_pixels": o.max_pixels},
-                "detector": {"model_name": model_name, "score_thresh": o.score_thresh, "max_detections": o.max_detections,
-                             "use_gpu": o.use_gpu, "runtime": o.runtime, "precision": o.precision,
-                             "threads": o.cpus_per_actor},
+                "detector": {"model_name": model_name, "score_thresh": o.score_thresh,
+                             "max_detections": o.max_detections, "use_gpu": o.use_gpu, "runtime": o.runtime,
+                             "precision": o.precision, "threads": o.cpus_per_actor},
                 "debug_sleep": o.debug_sleep})
         progress, seen = Progress(pending, o.progress_seconds), set()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

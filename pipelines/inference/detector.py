@@ -82,7 +82,8 @@ class Detector:
             per_image = np.array([len(d["scores"]) for d in dets], np.int64)
             counts[rows] = per_image
             ratio = np.stack([col("orig_width") / widths, col("orig_height") / heights] * 2, 1)  # x, y, x, y
-            boxes = np.concatenate([d["boxes"].numpy() for d in dets]).astype(np.float64) * np.repeat(ratio, per_image, 0)
+            scale = np.repeat(ratio, per_image, 0)
+            boxes = np.concatenate([d["boxes"].numpy() for d in dets]).astype(np.float64) * scale
             scores = np.concatenate([d["scores"].numpy() for d in dets])
             labels = np.concatenate([d["labels"].numpy() for d in dets])
         size_mask = pa.array(~valid)

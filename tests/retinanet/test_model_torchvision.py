@@ -31,7 +31,8 @@ def test_anchors_equal_torchvision(shape):
     features = [torch.zeros(1, 1, *g) for g in grid_sizes]
     expected = torch.cat(generator(ImageList(torch.zeros(1, 3, *shape), [shape]), features)[0].split(
         [g[0] * g[1] * 9 for g in grid_sizes]))
-    ours, per_level = Anchors((32, 64, 128, 256, 512), (0.5, 1.0, 2.0))(shape, grid_sizes, torch.device("cpu"), torch.float32)
+    anchors = Anchors((32, 64, 128, 256, 512), (0.5, 1.0, 2.0))
+    ours, per_level = anchors(shape, grid_sizes, torch.device("cpu"), torch.float32)
     assert per_level == [g[0] * g[1] * 9 for g in grid_sizes]
     assert torch.equal(ours, expected)
 
@@ -78,7 +79,8 @@ def test_losses_equal_torchvision_at_batch_one(twins):
     batch, prepared = tv.transform(images, targets)
     ours.train()
     got = ours(batch.tensors, batch.image_sizes, {"boxes": prepared[0]["boxes"][None],
-                                                  "labels": prepared[0]["labels"][None], "num_boxes": torch.tensor([3])})
+                                                  "labels": prepared[0]["labels"][None],
+                                                  "num_boxes": torch.tensor([3])})
     ours.eval()
     tv.eval()
     for key in ("classification", "bbox_regression"):

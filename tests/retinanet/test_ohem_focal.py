@@ -20,7 +20,8 @@ from retinanet.ohem import ohem_selection
 def _anchors(size: int = 64) -> torch.Tensor:
     levels = [(size // s, size // s) for s in (8, 16, 32, 64, 128)]
     levels[-1] = (1, 1)
-    anchors, _ = Anchors((8, 16, 32, 64, 128), (0.5, 1.0, 2.0))((size, size), levels, torch.device("cpu"), torch.float32)
+    generator = Anchors((8, 16, 32, 64, 128), (0.5, 1.0, 2.0))
+    anchors, _ = generator((size, size), levels, torch.device("cpu"), torch.float32)
     return anchors
 
 
@@ -86,7 +87,8 @@ def test_ohem_loss_averages_cross_entropy_over_the_kept_anchors():
     anchors = _anchors()
     logits = torch.randn(1, anchors.shape[0], 2)
     head = {"cls_logits": logits, "bbox_regression": torch.zeros(1, anchors.shape[0], 4), "objectness": None}
-    targets = {"boxes": torch.tensor([[[8.0, 8.0, 30.0, 28.0]]]), "labels": torch.tensor([[1]]), "num_boxes": torch.tensor([1])}
+    targets = {"boxes": torch.tensor([[[8.0, 8.0, 30.0, 28.0]]]), "labels": torch.tensor([[1]]),
+               "num_boxes": torch.tensor([1])}
     losses = detection_losses(head, anchors, targets, cfg, BoxCoder((1.0, 1.0, 1.0, 1.0)))
     from retinanet.matching import IGNORE, match_anchors
     matched = match_anchors(targets["boxes"], targets["num_boxes"], anchors)

@@ -67,7 +67,8 @@ def test_focal_loss_equals_torchvision_op_normalized_by_batch_positives():
     captured = {}
     model.head.register_forward_hook(lambda m, i, o: captured.update(o))
     losses = model(images, sizes, targets)
-    anchors, _ = model.anchors((128, 128), [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)], torch.device("cpu"), torch.float32)
+    grids = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    anchors, _ = model.anchors((128, 128), grids, torch.device("cpu"), torch.float32)
     matched = match_anchors(targets["boxes"], targets["num_boxes"], anchors)
     logits = captured["cls_logits"].detach()
     onehot = torch.zeros_like(logits)
@@ -82,7 +83,8 @@ def test_focal_loss_equals_torchvision_op_normalized_by_batch_positives():
 def test_images_without_boxes_train():
     model = _tiny().train()
     images, sizes, _ = _batch()
-    empty = {"boxes": torch.zeros(2, 0, 4), "labels": torch.zeros(2, 0, dtype=torch.long), "num_boxes": torch.zeros(2, dtype=torch.long)}
+    empty = {"boxes": torch.zeros(2, 0, 4), "labels": torch.zeros(2, 0, dtype=torch.long),
+             "num_boxes": torch.zeros(2, dtype=torch.long)}
     losses = model(images, sizes, empty)
     assert losses["bbox_regression"].item() == 0.0 and losses["classification"].item() > 0
     sum(losses.values()).backward()
@@ -140,9 +142,10 @@ def test_tiny_model_overfits_a_few_images():
     model = retinanet.build("tiny", num_classes=2).train()
     images, targets = _shapes_batch(4)
     sizes = [[128, 128]] * 4
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9,
+                                weight_decay=1e-4)
     first = None
-    for step in range(50):
+    for _ in range(50):
         losses = model(images, sizes, targets)
         loss = sum(losses.values())
         first = first if first is not None else loss.item()

@@ -148,7 +148,8 @@ def test_yolo_user_errors_exit_2(ray_local, bad_yolo, capsys, case, message):
     images = root / "images" / "train"
     args = ["--annotations", str(root / "data.yaml"), "--output", str(bad_yolo / "out")]
     args += {"both": ["--split", "train", "--images", str(images)], "no_split": ["--split", "val"],
-             "empty": ["--images", str(bad_yolo)], "none_usable": ["--images", str(images)]}.get(case, ["--split", "train"])
+             "empty": ["--images", str(bad_yolo)],
+             "none_usable": ["--images", str(images)]}.get(case, ["--split", "train"])
     if case == "no_names":
         (root / "data.yaml").write_text("train: train.txt\n")
     elif case == "gap":

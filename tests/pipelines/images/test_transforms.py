@@ -193,8 +193,9 @@ def make_rows(images, boxes, labels):
             "orig_width": np.array([2 * im.shape[1] for im in images], np.int32),
             "scale": np.full(len(images), 0.5, np.float32),
             "boxes": np.array([np.asarray(b, np.float32).tobytes() for b in boxes], dtype=object),
-            "labels": np.array([np.asarray(l, np.int64).tobytes() for l in labels], dtype=object),
-            "num_boxes": np.array([len(l) for l in labels], np.int32)}
+            "labels": np.array([np.asarray(image_labels, np.int64).tobytes() for image_labels in labels],
+                               dtype=object),
+            "num_boxes": np.array([len(image_labels) for image_labels in labels], np.int32)}
     return rows
 
 

@@ -83,8 +83,9 @@ def assert_same_detections(got: list[dict], want: list[dict], share: float = 0.9
         assert len(g["scores"]) == len(w["scores"]), i
         if not len(w["scores"]):
             continue
-        close = ((w["boxes"][:, None] - g["boxes"][None]).abs().amax(-1) <= BOX_ATOL) & (
-            (w["scores"][:, None] - g["scores"][None]).abs() <= SCORE_ATOL) & (w["labels"][:, None] == g["labels"][None])
+        close = (((w["boxes"][:, None] - g["boxes"][None]).abs().amax(-1) <= BOX_ATOL)
+                 & ((w["scores"][:, None] - g["scores"][None]).abs() <= SCORE_ATOL)
+                 & (w["labels"][:, None] == g["labels"][None]))
         matched = float(close.any(1).float().mean())
         assert matched >= share, (i, matched)
 
@@ -117,7 +118,8 @@ def train_tiny(root: Path) -> Path:
         target_boxes, labels = torch.zeros(len(batch), most, 4), torch.zeros(len(batch), most, dtype=torch.int64)
         for k, im in enumerate(batch):
             pixels = np.asarray(Image.open(root / "train" / "images" / im["file_name"]).convert("RGB"))
-            images[k, :, :TRAIN_SIZE, :TRAIN_SIZE] = (torch.from_numpy(pixels.copy()).permute(2, 0, 1) / 255 - mean) / std
+            chw = torch.from_numpy(pixels.copy()).permute(2, 0, 1) / 255
+            images[k, :, :TRAIN_SIZE, :TRAIN_SIZE] = (chw - mean) / std
             for j, (*box, cls) in enumerate(boxes[im["id"]]):
                 target_boxes[k, j], labels[k, j] = torch.tensor(box), cls
         for group in optimizer.param_groups:

@@ -175,27 +175,33 @@ def test_one_row_per_input_errors_only_on_bad_files(s3_run, capsys):
         dets = row["detections"]
         assert 0 < len(dets) <= 100, uri
         boxes = np.array([[d["x1"], d["y1"], d["x2"], d["y2"]] for d in dets])
-        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= row["width"]).all() and (boxes[:, [1, 3]] <= row["height"]).all()
+        assert ((boxes >= 0).all() and (boxes[:, [0, 2]] <= row["width"]).all()
+                and (boxes[:, [1, 3]] <= row["height"]).all())
         assert all(d["score"] >= 0.05 and {"id": d["category_id"], "name": d["category"]} in CATEGORIES for d in dets)
         assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
     prefix = s3_run["input"]
     # One picture, three encodings (8-bit gray, 16-bit gray, RGB): one set of detections.
-    assert same_detections(rows[prefix + "modes/gray.png"]["detections"], rows[prefix + "modes/gray16.png"]["detections"])
-    assert same_detections(rows[prefix + "modes/gray.png"]["detections"], rows[prefix + "modes/gray-as-rgb.png"]["detections"])
+    assert same_detections(rows[prefix + "modes/gray.png"]["detections"],
+                           rows[prefix + "modes/gray16.png"]["detections"])
+    assert same_detections(rows[prefix + "modes/gray.png"]["detections"],
+                           rows[prefix + "modes/gray-as-rgb.png"]["detections"])
     # EXIF orientation applied: the rotated file is detected exactly like its upright twin.
-    assert same_detections(rows[prefix + "exif/rotated.png"]["detections"], rows[prefix + "exif/upright.png"]["detections"])
+    assert same_detections(rows[prefix + "exif/rotated.png"]["detections"],
+                           rows[prefix + "exif/upright.png"]["detections"])
     # A 10000 x 10000 JPEG (drafted): boxes back in its own pixels, far beyond the 64 px it was detected at.
     assert max(d["x2"] for d in rows[prefix + "huge/10000.jpg"]["detections"]) > 1000
 
 
 def test_rerun_skips_finished_parts_and_refuses_other_settings(s3_run, capsys):
     storage.resolve(s3_run["output"]).fs.invalidate_cache()
-    before = {f: storage.resolve(f).fs.info(storage.resolve(f).path)["ETag"] for f in storage.list_files(s3_run["output"])}
+    before = {f: storage.resolve(f).fs.info(storage.resolve(f).path)["ETag"]
+              for f in storage.list_files(s3_run["output"])}
     assert any("/_infer_units-" in f for f in before)
     assert infer.main(s3_run["argv"]) == 0
     assert "0 to run" in capsys.readouterr().out
     storage.resolve(s3_run["output"]).fs.invalidate_cache()
-    after = {f: storage.resolve(f).fs.info(storage.resolve(f).path)["ETag"] for f in storage.list_files(s3_run["output"])}
+    after = {f: storage.resolve(f).fs.info(storage.resolve(f).path)["ETag"]
+             for f in storage.list_files(s3_run["output"])}
     assert after == before
     assert exit_code(s3_run["argv"] + ["--score-threshold", "0.3"]) == 2
     assert "score_thresh" in capsys.readouterr().err
@@ -305,11 +311,13 @@ def test_shards_input_keeps_image_ids_and_writes_coco_json(shards_run, synth_coc
     gt = json.loads((synth_coco / "annotations.json").read_text())
     table = read_output(str(shards_run / "out"))
     # 3 shards of 10, 10, 4 images in units of 4 -> 3 + 3 + 1 parts
-    assert sorted(p.name for p in (shards_run / "out").glob("*.parquet")) == [predictions.part_name(u) for u in range(7)]
+    parts = sorted(p.name for p in (shards_run / "out").glob("*.parquet"))
+    assert parts == [predictions.part_name(u) for u in range(7)]
     assert sorted(table["image_id"].to_pylist()) == sorted(im["id"] for im in gt["images"])
     assert table["error"].null_count == table.num_rows
     names = {im["id"]: im["file_name"] for im in gt["images"]}
-    assert all(r["uri"].endswith("/images/" + names[r["image_id"]]) for r in table.select(["uri", "image_id"]).to_pylist())
+    assert all(r["uri"].endswith("/images/" + names[r["image_id"]])
+               for r in table.select(["uri", "image_id"]).to_pylist())
     flat = pc.list_flatten(table["detections"])
     assert set(pc.struct_field(flat, "category_id").to_pylist()) <= {c["id"] for c in gt["categories"]}
 
@@ -325,7 +333,8 @@ def test_shards_input_keeps_image_ids_and_writes_coco_json(shards_run, synth_coc
 def test_evaluate_scores_the_output(shards_run, synth_coco, capsys):
     from jobs import evaluate
 
-    assert evaluate.main(["--predictions", str(shards_run / "out"), "--annotations", str(synth_coco / "annotations.json")]) == 0
+    argv = ["--predictions", str(shards_run / "out"), "--annotations", str(synth_coco / "annotations.json")]
+    assert evaluate.main(argv) == 0
     assert "24 prediction rows" in capsys.readouterr().out
 
 

@@ -227,7 +227,8 @@ def test_s3_retries_use_botocore_settings(s3_server, monkeypatch):
 
 def test_detector_pool_is_a_range():
     def pool(*flags):
-        return infer._pool_size(infer.build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", *flags]))
+        argv = ["--model", "m", "--input", "i", "--output", "o", *flags]
+        return infer._pool_size(infer.build_parser().parse_args(argv))
 
     assert pool() == (1, 1) and pool("--use-gpu") == (1, None)  # GPUs: grow with the cluster
     assert pool("--num-actors", "3") == (3, 3) and pool("--num-actors", "2:8") == (2, 8)

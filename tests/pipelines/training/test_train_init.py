@@ -66,8 +66,9 @@ def test_backbone_weights_file_equals_torchvision_resnet(synth_coco, tmp_path, r
     x = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         want = reference.eval()
+        x_ref = x
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            x_ref = getattr(want, name)(x if name == "conv1" else x_ref)
+            x_ref = getattr(want, name)(x_ref)
         torch.testing.assert_close(ours.eval()(x)["2"], x_ref, rtol=1e-3, atol=1e-3)  # frozen BN folds differently
     # the paper's freezing: stem and layer1 fixed, layer2-4 trained
     trainable = {n.split(".")[0] for n, p in ours.named_parameters() if p.requires_grad}
@@ -78,8 +79,9 @@ def test_unreachable_named_weights_fail_in_one_line_before_ray(synth_coco, tmp_p
     """r50 defaults to ImageNet weights; with no internet the job names the fix and starts nothing."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(TORCH_HOME=str(tmp_path / "torch"), HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
-    r = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(synth_coco), "--output", str(tmp_path / "out"),
-                        "--preset", "r50"], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run([sys.executable, "-m", "jobs.train", "--data", str(synth_coco),
+                        "--output", str(tmp_path / "out"), "--preset", "r50"],
+                       capture_output=True, text=True, timeout=300, env=env)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(errors) == 1 and "ResNet50_Weights.IMAGENET1K_V1" in errors[0] and "cannot download" in errors[0]
@@ -127,7 +129,8 @@ def test_only_class_logits_may_stay_new(torchvision_v2):
     torch.testing.assert_close(other_classes.head.regression_head.bbox_reg.weight,
                                donor.head.regression_head.bbox_reg.weight)
     without_group_norm = retinanet.RetinaNet(donor.config.replace(head_norm=None))
-    with pytest.raises(ValueError, match=r"24 tensors .* do not transfer: .*head\.classification_head\.conv\.0\.1\.weight"):
+    with pytest.raises(ValueError,
+                       match=r"24 tensors .* do not transfer: .*head\.classification_head\.conv\.0\.1\.weight"):
         transfer_weights(donor, without_group_norm)
 
 
