@@ -16,8 +16,8 @@ COCO nearly every anchor is background. The imbalance is raised with --num-class
 more negative terms per anchor) and --canvas (the same objects on a larger image: more negative
 anchors); negatives per positive are measured with the training matcher and reported. --split
 tune scores a second held-out set, for choosing a learning rate without looking at the test set.
-Tables, paired differences and plots: bench/ablation_report.py. On a loaded 2-core machine use --threads 1: with two, each
-thread waits on the other at every operator and a step took ~15x longer.
+Tables, paired differences and plots: bench/ablation_report.py. On a loaded 2-core machine use
+--threads 1: with two, each thread waits on the other at every operator and a step took ~15x longer.
 """
 from __future__ import annotations
 
@@ -84,10 +84,10 @@ def mosaic_dataset(count: int, seed: int, tile: int, grid: int, num_classes: int
     most = max(1, max(len(b) for b in boxes))
     padded_boxes = torch.zeros(count, most, 4)
     padded_labels = torch.zeros(count, most, dtype=torch.int64)
-    for i, (b, l) in enumerate(zip(boxes, labels)):
-        if b:
-            padded_boxes[i, :len(b)] = torch.tensor(b, dtype=torch.float32)
-            padded_labels[i, :len(l)] = torch.tensor(l)
+    for i, (image_boxes, image_labels) in enumerate(zip(boxes, labels)):
+        if image_boxes:
+            padded_boxes[i, :len(image_boxes)] = torch.tensor(image_boxes, dtype=torch.float32)
+            padded_labels[i, :len(image_labels)] = torch.tensor(image_labels)
     mean = torch.tensor(retinanet.config.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(retinanet.config.IMAGENET_STD)[:, None, None]
     pixels = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
@@ -111,7 +111,8 @@ def anchor_shares(data: dict, cfg: retinanet.RetinaNetConfig) -> dict:
     return {"anchors_per_image": int(anchors.shape[0]), "num_classes": cfg.num_classes,
             "negatives_per_positive": negatives / positives,
             # each anchor is num_classes binary terms; a positive anchor is one positive term
-            "negative_terms_per_positive": (negatives * cfg.num_classes + positives * (cfg.num_classes - 1)) / positives,
+            "negative_terms_per_positive":
+                (negatives * cfg.num_classes + positives * (cfg.num_classes - 1)) / positives,
             "objects_per_image": round(float(data["num_boxes"].float().mean()), 2),
             "negative": float((matched == BACKGROUND).sum()) / total,
             "positive": float((matched >= 0).sum()) / total,
@@ -132,7 +133,8 @@ def train_and_score(cfg: retinanet.RetinaNetConfig, train: dict, val: dict, args
     generator = torch.Generator().manual_seed(seed)  # same batches and flips for every row of a seed
     count, size = train["images"].shape[0], train["images"].shape[-1]
     sizes = torch.tensor([[size, size]] * args.batch_size)
-    order = torch.cat([torch.randperm(count, generator=generator) for _ in range(args.steps * args.batch_size // count + 1)])
+    passes = args.steps * args.batch_size // count + 1
+    order = torch.cat([torch.randperm(count, generator=generator) for _ in range(passes)])
     losses, grad_norms, started, diverged = [], [], time.time(), None
     model.train()
     for step in range(args.steps):

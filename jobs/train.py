@@ -7,8 +7,9 @@ Checkpoints go to --output on any storage, the last --keep of them kept; rerunni
 command resumes from the last one, and a failed worker group restarts from it
 (--max-failures). With --num-workers MIN:MAX the group is elastic (Ray Train V2): it starts
 once MIN workers are available and restarts from the last checkpoint with fewer or more, each
-step still training --global-batch images (gradient accumulation). Results: --output/model.pt (loads with `retinanet.load_checkpoint` and
-`jobs.infer`), metrics.jsonl (one line per logging step), loss_curve.png.
+step still training --global-batch images (gradient accumulation). Results: --output/model.pt
+(loads with `retinanet.load_checkpoint` and `jobs.infer`), metrics.jsonl (one line per logging
+step), loss_curve.png.
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def fit(cfg: TrainConfig, datasets: dict):
         train_loop, train_loop_config=cfg.to_dict(), datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
         scaling_config=ScalingConfig(num_workers=cfg.scaling_workers(), use_gpu=cfg.use_gpu,
-                                     resources_per_worker=cfg.worker_resources(), placement_strategy=cfg.placement),
+                                     resources_per_worker=cfg.worker_resources(), placement_strategy=cfg.placement,
+                                     elastic_resize_monitor_interval_s=cfg.elastic_check_s),
         run_config=RunConfig(name=cfg.name, storage_path=arrow_path, storage_filesystem=arrow_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
@@ -128,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        print(f"error: training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}",
-              file=sys.stderr)
+        last_line = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+        print(f"error: training failed: {type(cause).__name__}: {last_line}", file=sys.stderr)
         return 1
     report(cfg, result)
     return 0

@@ -68,7 +68,9 @@ class TrainConfig:
     backbone_weights: str | None = None  # resolved: the weights to load, or None
     norm: str | None = None
     logger: str = "tensorboard"
+    elastic_check_s: float = 60.0  # Ray Train's elastic_resize_monitor_interval_s
     fail_at_step: int | None = None  # pipelines.training.test_hooks
+    slow_steps: float | None = None  # pipelines.training.test_hooks
     debug_dir: str | None = None  # pipelines.training.test_hooks
     min_workers: int | None = None  # from --num-workers MIN:MAX; None: a fixed group of num_workers
     # Resolved on the driver before the workers start; never flags.
@@ -106,11 +108,12 @@ class TrainConfig:
             raise UserError(f"--global-batch {self.global_batch} and --batch-size {self.batch_size} must be >= 1")
         bad = [w for w in self.world_sizes() if self.global_batch % (w * self.batch_size)]
         if bad:
+            given = "" if self.global_batch != self.batch_size * self.num_workers else " (batch size x MAX)"
             need = self.batch_size
             for w in self.world_sizes():
                 need = _lcm(need, w * self.batch_size)
-            raise UserError(f"--global-batch {self.global_batch} is not a multiple of --batch-size {self.batch_size} "
-                            f"x {bad[0]} workers (every world size of --num-workers must divide it); "
+            raise UserError(f"--global-batch {self.global_batch}{given} is not a multiple of --batch-size "
+                            f"{self.batch_size} x {bad[0]} workers (every world size of --num-workers must divide it); "
                             f"use a multiple of {need}")
 
     def resolved(self, *, model: dict, categories: list[dict], backbone_weights: str | None,
@@ -161,14 +164,16 @@ def _number(kind: type, low: float, high: float = float("inf"), low_open: bool =
     def parse(text: str):
         value = kind(text)
         if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
         return value
     return parse
 
 
 def build_parser(prog: str = "python -m jobs.train", description: str | None = None) -> argparse.ArgumentParser:
     """The flags of `TrainConfig` (defaults taken from it) and --config."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="training data: a shards folder from jobs.prepare, or a COCO layout (URI)")
     p.add_argument("--val-data", help="validation data (same forms); COCO AP on it after each epoch")
     p.add_argument("--output", help="where checkpoints, model.pt, metrics.jsonl and loss_curve.png go (URI)")
@@ -193,14 +198,19 @@ def build_parser(prog: str = "python -m jobs.train", description: str | None = N
                    "state-dict URI or a checkpoint URI (its architecture is kept)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default %(default)s)")
     p.add_argument("--keep", type=int, help="checkpoints kept (default %(default)s)")
-    p.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default %(default)s)")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default "
+                   "%(default)s); a lost node is one failure, a growth of an elastic group none")
+    p.add_argument("--elastic-check-s", type=_number(float, 0), help="elastic groups: seconds between looks for room "
+                   "to grow (a growth restarts the group from its last checkpoint; default %(default)s)")
     p.add_argument("--cls-loss", choices=["focal", "seesaw", "ohem"], help="classification loss (default %(default)s; "
                    "seesaw: long-tailed data; ohem: the paper's hard-mining baseline)")
-    p.add_argument("--focal-gamma", type=_number(float, 0), help=f"focal loss gamma (default {MODEL.focal_gamma:g}; 0 = alpha-balanced CE)")
+    p.add_argument("--focal-gamma", type=_number(float, 0),
+                   help=f"focal loss gamma (default {MODEL.focal_gamma:g}; 0 = alpha-balanced CE)")
     p.add_argument("--focal-alpha", type=_number(float, 0, 1), help=f"focal loss alpha (default {MODEL.focal_alpha:g})")
     p.add_argument("--prior-prob", type=_number(float, 0, 1, high_open=True),
                    help=f"prior for the class-logit bias (default {MODEL.prior_prob:g}; 0 = zero bias)")
-    p.add_argument("--ohem-batch", type=_number(int, 1), help=f"--cls-loss ohem: anchors kept per image (default {MODEL.ohem_batch})")
+    p.add_argument("--ohem-batch", type=_number(int, 1),
+                   help=f"--cls-loss ohem: anchors kept per image (default {MODEL.ohem_batch})")
     p.add_argument("--ohem-nms", type=_number(float, 0, 1, low_open=True),
                    help=f"--cls-loss ohem: IoU of the NMS by loss (default {MODEL.ohem_nms:g})")
     p.add_argument("--ohem-ratio", type=_number(float, 0, low_open=True),
@@ -233,6 +243,7 @@ def build_parser(prog: str = "python -m jobs.train", description: str | None = N
     p.add_argument("--logger", choices=["tensorboard", "mlflow", "none"],
                    help="rank 0's metrics logger besides metrics.jsonl (default %(default)s: events under --output)")
     p.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)  # pipelines.training.test_hooks
+    p.add_argument("--slow-steps", type=float, help=argparse.SUPPRESS)  # pipelines.training.test_hooks
     p.add_argument("--debug-dir", help=argparse.SUPPRESS)  # pipelines.training.test_hooks
     p.set_defaults(**{a.dest: DEFAULTS[a.dest] for a in p._actions if a.dest in DEFAULTS})
     return p

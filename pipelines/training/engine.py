@@ -4,7 +4,8 @@ Synchronized SGD (DDP through `ray.train.torch.prepare_model`) on RetinaNet, the
 schedule (SGD momentum 0.9, weight decay 1e-4, linear warm-up, lr x0.1 at 2/3 and 8/9 of the
 run), checkpoints through `ray.train.report` (rank 0 writes them; every rank reports the same
 number of times, as Ray requires), resume from `ray.train.get_checkpoint()`: the step, the
-optimizer, the loss scale and the keys of the images the interrupted epoch already trained.
+optimizer, the loss scale and the keys of the images the interrupted epoch already trained; and
+a checkpoint as soon as a node is marked for preemption (`ray.train.get_preemption_info`).
 
 A step trains --global-batch images at any world size: each rank sums its gradients over
 `accumulation` micro-batches (DDP's all-reduce only on the last, `no_sync()` before), so an
@@ -117,18 +118,20 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cfg.use_gpu else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.step, self.epoch, self.resumed, self.done = 0, 0, None, NO_KEYS
+        self.step, self.epoch, self.resumed, self.done, self.resizes = 0, 0, None, NO_KEYS, 0
         if state is not None:
             self._resume(state)
         self.records = RunRecords(cfg.output, cfg.logger, cfg.name) if self.rank == 0 else None
         if self.records and self.resumed is not None:
             self.records.append({"event": "resumed", "step": self.resumed, "epoch": self.epoch,
                                  "epoch_images_done": len(self.done)})
-            before = state.get("world")  # checkpoints of older runs lack it
-            if before is not None and before != self.world:
-                log(self.records, {"event": "resized", "step": self.resumed, "workers_before": before,
-                                   "workers_after": self.world, "accumulation": self.accumulation}, None)
-        self.window = Window()
+            if self.resizes > state.get("resizes", 0):
+                # From the checkpoint to here: the steps redone, the loss or growth, the restart.
+                since = round(time.time() - state["saved_at"], 1) if "saved_at" in state else None
+                log(self.records, {"event": "resized", "step": self.resumed, "workers_before": state["world"],
+                                   "workers_after": self.world, "accumulation": self.accumulation,
+                                   "seconds_since_checkpoint": since}, None)
+        self.window, self.preemption_saved = Window(), False
 
     def _resume(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -138,6 +141,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = self.resumed = state["step"]
         self.epoch = state.get("epoch", 0)
+        before = state.get("world")  # checkpoints of older runs lack it
+        self.resizes = state.get("resizes", 0) + (before is not None and before != self.world)
         self.done = state["epoch_keys"].numpy() if "epoch_keys" in state else NO_KEYS
 
     def train_step(self, micro: list[dict]) -> dict | None:
@@ -153,7 +158,8 @@ class Trainer:
         sums, first, total = {}, None, 0.0
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.ddp_model, "no_sync") else self.ddp_model.no_sync()
+            syncs = last or not hasattr(self.ddp_model, "no_sync")
+            sync = contextlib.nullcontext() if syncs else self.ddp_model.no_sync()
             with sync:
                 losses = self._forward(batch)
                 if losses is None:  # every rank agrees (forward_losses): all skip the step here
@@ -196,6 +202,8 @@ class Trainer:
         if losses is not None:
             self.window.add(cfg.global_batch, {k: v.item() for k, v in losses.items()})
         checkpoint_now = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        if step % cfg.log_every == 0 and self._preemption_notice():
+            checkpoint_now = True
         if not (step % cfg.log_every == 0 or checkpoint_now):
             return
         metrics = {"step": step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0], **self.window.summary(),
@@ -205,15 +213,31 @@ class Trainer:
         saved = None
         if checkpoint_now:
             saved = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": step, "world": self.world,
-                     "epoch": self.epoch, "epoch_keys": torch.from_numpy(tally.keys(self.done))}
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": step,
+                     "world": self.world, "resizes": self.resizes, "saved_at": time.time(), "epoch": self.epoch,
+                     "epoch_keys": torch.from_numpy(tally.keys(self.done))}
         log(self.records, metrics, step if checkpoint_now else None)
         _report(metrics, self.rank, saved)
         if self.rank == 0 and step == cfg.max_steps:
-            final = retinanet.checkpoint_bytes(self.model, step=step, metrics=metrics,
-                                               extra={"preset": cfg.preset, "image_size": cfg.image_size})
+            extra = {"preset": cfg.preset, "image_size": cfg.image_size, "workers": self.world, "resizes": self.resizes}
+            final = retinanet.checkpoint_bytes(self.model, step=step, metrics=metrics, extra=extra)
             storage.write_bytes_atomic(storage.resolve(cfg.output).join("model.pt").uri(), final)
         self.window.reset()
+
+    def _preemption_notice(self) -> bool:
+        """True once, at the first logging step after Ray Core marks a node of this group as
+        draining for preemption (a spot reclaim with its deadline): a checkpoint then, so the
+        restart that follows the loss redoes almost nothing. Every rank asks at the same steps
+        (the call is a barrier and the ranks agree on its answer)."""
+        if self.preemption_saved:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        self.preemption_saved = True
+        log(self.records, {"event": "preemption", "step": self.step, "nodes": sorted(info.preempted_node_to_ranks),
+                           "deadline_ms": info.deadline_ms}, None)
+        return True
 
     def end_epoch(self, tally: EpochTally) -> None:
         """The epoch_end line (counts summed over ranks, val AP by rank 0), reported by every rank."""

@@ -119,7 +119,8 @@ def model_setup(cfg: TrainConfig, categories: list[dict]) -> tuple[dict, str | N
         if model.norm == "frozen_bn":
             raise UserError(f"--preset {cfg.preset}: frozen BatchNorm needs pretrained statistics; pass "
                             f"--backbone-weights {model_weights.IMAGENET_WEIGHTS[model.backbone]} (or a state-dict "
-                            f"file), or train from scratch with --norm sync_bn or --norm group_norm (all layers trainable)")
+                            f"file), or train from scratch with --norm sync_bn or --norm group_norm (all layers "
+                            f"trainable)")
         return model.replace(trainable_layers=5).to_dict(), None  # from scratch: nothing stays frozen
     try:
         retinanet.RetinaNet(model, backbone_weights=backbone_state(spec))  # fails now on a file that does not fit

@@ -57,7 +57,8 @@ class RunRecords:
     def append(self, record: dict) -> None:
         self.lines.append(json.dumps(record))
         step = record.get("step")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch", "time")}
+        scalars = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k not in ("step", "epoch", "time")}
         if step is None or not scalars:
             return
         if self.logger == "tensorboard":
@@ -148,7 +149,8 @@ def log(records: RunRecords | None, metrics: dict, flush_step: int | None) -> No
     if flush_step is not None:
         records.flush(flush_step, "b" if metrics.get("event") == "epoch_end" else "a")
     # straight to the stream: Ray Train's patched print() would show the line twice
-    sys.stdout.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "time") + "\n")
+    fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "time")
+    sys.stdout.write(" ".join(fields) + "\n")
     sys.stdout.flush()
 
 

@@ -4,6 +4,8 @@
   step N, once per output (a marker file under --output says it happened), so that a test can
   check that Ray restarts the worker group from the last checkpoint and that the interrupted
   epoch trains every image exactly once.
+- `--slow-steps S`: every rank sleeps S seconds after each step, so that a test can remove and
+  add nodes while a short run is still in the middle of its steps.
 - `--debug-dir DIR` (a local folder): per rank and attempt, the keys of every trained batch as
   they are trained (``batches-rank<r>-pid<p>.jsonl``, so a killed worker leaves its lines), and
   at the end ``rank-<r>.json`` with the image ids, the parameter checksum, where the run resumed
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import numpy as np
 import ray
@@ -69,7 +72,10 @@ class Hooks:
     def after_step(self, step: int, epoch: int, keys: np.ndarray) -> None:
         if self.debug:
             self.debug.batch(step, epoch, keys)
-        if self.cfg.fail_at_step == step and self.rank == self.world - 1 and not storage.exists(failure_marker(self.cfg)):
+        if self.cfg.slow_steps:
+            time.sleep(self.cfg.slow_steps)
+        last_rank = self.rank == self.world - 1
+        if self.cfg.fail_at_step == step and last_rank and not storage.exists(failure_marker(self.cfg)):
             storage.write_bytes_atomic(failure_marker(self.cfg), b"injected")
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dies: Ray restarts the group from the last checkpoint
 

@@ -3,9 +3,10 @@
 Neither may live in the pytest process, which holds the suite's one local Ray (`ray_local`):
 
 - `multinode_driver.py` runs in a subprocess: `ray.cluster_utils.Cluster` with a CPU-less head and
-  two 2-CPU worker nodes, a 2-worker `jobs.train --placement SPREAD` run, then a `jobs.infer` run
-  whose detector's node is removed mid-run. One cluster serves both (starting it and a 2-worker
-  Train run each cost tens of seconds here); the tests below check what it left behind.
+  two 2-CPU worker nodes, a 2-worker `jobs.train --placement SPREAD` run, a `jobs.infer` run
+  whose detector's node is removed mid-run, then an elastic 1:2-worker `jobs.train` run that loses
+  a node and gets one back. One cluster serves them all (starting it and a 2-worker Train run
+  each cost tens of seconds here); the tests below check what it left behind.
 - `ray start --head` in a subprocess (private temp dir, free ports, its own token), to which
   `jobs.submit` sends a training job, an inference job and a failing job, as a user would.
 
@@ -25,12 +26,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support.multinode_driver import INFER_UNIT, NUM_IMAGES
+import retinanet
+from pipelines.training.sampling import MAX_COPIES
+from tests.support.multinode_driver import ELASTIC_GLOBAL, ELASTIC_STEPS, INFER_UNIT, NUM_IMAGES
 from tests.support.ray_head import clean_env, stop_head
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "tests" / "support" / "multinode_driver.py"
-DRIVER_TIMEOUT_S = 540
+DRIVER_TIMEOUT_S = 840
 
 pytestmark = pytest.mark.slow
 
@@ -131,6 +134,52 @@ def test_inference_survives_losing_the_detector_node_with_one_row_per_input(mult
     assert sorted(Path(u).name for u in uris) == inputs
     assert table.column("error").null_count == NUM_IMAGES
     assert f"done: {NUM_IMAGES} images (0 errors)" in _tail(infer_log, 20000)
+
+
+def _attempts(debug: Path) -> list[list[dict]]:
+    """The batches each worker-group attempt trained, in order of the step it started at (its
+    ranks' files merged), each cut at the step the next attempt resumed from: what the run kept."""
+    by_start: dict[int, list[dict]] = {}
+    for path in debug.glob("batches-*.jsonl"):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        if records:
+            by_start.setdefault(records[0]["step"], []).extend(records)
+    starts = sorted(by_start)
+    return [[r for r in by_start[s] if r["step"] < (starts[i + 1] if i + 1 < len(starts) else 10**9)]
+            for i, s in enumerate(starts)]
+
+
+def test_elastic_training_shrinks_on_node_loss_grows_back_and_trains_each_image_once(multinode):
+    assert _phase(multinode, "elastic_code") == 0, _tail(multinode["work"] / "elastic.log")
+    output, debug = Path(_phase(multinode, "elastic_output")), Path(_phase(multinode, "elastic_debug"))
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line]
+    resized = [m for m in metrics if m.get("event") == "resized"]
+    assert [(m["workers_before"], m["workers_after"]) for m in resized] == [(2, 1), (1, 2)], \
+        "one worker after the node loss, two once a node came back"
+    notices = [m for m in metrics if m.get("event") == "preemption"]
+    assert len(notices) == 1 and notices[0]["nodes"] == [multinode["result"]["elastic_events"]["removed_node"]]
+    assert resized[0]["step"] == notices[0]["step"], "the shrunk group resumed from the checkpoint of the notice"
+    assert [m["step"] for m in metrics if "loss" in m][-1] == ELASTIC_STEPS
+    _, payload = retinanet.load_checkpoint((output / "model.pt").read_bytes())
+    assert payload["step"] == ELASTIC_STEPS and payload["resizes"] == 2 and payload["workers"] == 2
+    attempts = _attempts(debug)
+    assert len(attempts) == 3, [a[0]["step"] for a in attempts]
+    ranks_per_attempt = [len({r["step"] for r in a}) and len(a) // len({r["step"] for r in a}) for a in attempts]
+    assert ranks_per_attempt == [2, 1, 2]  # one record per rank per step
+    steps: dict[int, list[int]] = {}
+    epochs: dict[int, list[int]] = {}
+    for record in (r for a in attempts for r in a):
+        steps.setdefault(record["step"], []).extend(record["keys"])
+        epochs.setdefault(record["epoch"], []).extend(k // MAX_COPIES for k in record["keys"])
+    assert sorted(steps) == list(range(1, ELASTIC_STEPS + 1)), "every step kept once"
+    assert {len(keys) for keys in steps.values()} == {ELASTIC_GLOBAL}, "the global batch at every world size"
+    per_epoch = NUM_IMAGES // ELASTIC_GLOBAL
+    assert sorted(epochs) == list(range(ELASTIC_STEPS // per_epoch))
+    for epoch, ids in epochs.items():
+        assert sorted(ids) == list(range(1, NUM_IMAGES + 1)), f"epoch {epoch}: each image exactly once"
+    costs = multinode["result"]["elastic_costs"]
+    assert costs["shrink"]["seconds_to_next_step"] > 0 and costs["grow"]["seconds_to_next_step"] > 0
+    print(f"elastic resize costs: {costs}")
 
 
 # --- jobs.submit to a head started with `ray start --head` -------------------------------------

@@ -152,7 +152,8 @@ def test_custom_image_folder_on_s3(s3_bucket):
     assert PixelCollate(32)(decoded)["pixels"].shape[0] == 4
     errors = {u.rsplit("/", 1)[-1]: e for u, e in zip(decoded["uri"].to_pylist(), decoded["error"].to_pylist())}
     assert errors["broken.jpeg"].startswith("cannot decode") and errors["a.jpg"] is None
-    sizes = {u.rsplit("/", 1)[-1]: (h, w) for u, h, w in zip(*(decoded[c].to_pylist() for c in ("uri", "height", "width")))}
+    columns = (decoded[c].to_pylist() for c in ("uri", "height", "width"))
+    sizes = {u.rsplit("/", 1)[-1]: (h, w) for u, h, w in zip(*columns)}
     assert sizes["B.JPG"] == (60, 30)
 
 

@@ -102,5 +102,7 @@ def test_global_batch_must_divide_at_every_world_size(synth_coco, tmp_path, caps
                          "--batch-size", "4", "--max-steps", "1"])
     assert exit_.value.code == 2
     assert "use a multiple of 24" in capsys.readouterr().err
-    config = train.resolve_options(["--data", "d", "--output", str(tmp_path), "--num-workers", "1:2", "--batch-size", "4"])
-    assert (config.scaling_workers(), config.global_batch, config.accumulation(1), config.accumulation(2)) == ((1, 2), 8, 2, 1)
+    config = train.resolve_options(["--data", "d", "--output", str(tmp_path), "--num-workers", "1:2",
+                                    "--batch-size", "4"])
+    resolved = (config.scaling_workers(), config.global_batch, config.accumulation(1), config.accumulation(2))
+    assert resolved == ((1, 2), 8, 2, 1)

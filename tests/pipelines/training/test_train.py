@@ -248,7 +248,8 @@ def test_next_epoch_input_is_requested_ahead_and_yields_every_batch_once(ray_loc
     batches = [b["id"].tolist() for b in started]
     assert sorted(sum(batches, [])) == list(range(10)) and [len(b) for b in batches] == [4, 4, 2]
     assert list(StartedBatches(ray.data.range(10).filter(lambda row: False).iterator(), batch_size=4)) == []
-    failing = StartedBatches(ray.data.range(8, override_num_blocks=2).map_batches(fail_on_row_5).iterator(), batch_size=4)
+    failing_rows = ray.data.range(8, override_num_blocks=2).map_batches(fail_on_row_5)
+    failing = StartedBatches(failing_rows.iterator(), batch_size=4)
     with pytest.raises(Exception, match="boom at row 5"):
         list(failing)
     ahead = StartedBatches(ray.data.range(1000, override_num_blocks=50).iterator(), batch_size=10)
