@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -160,7 +161,7 @@ def test_entrypoint_names_a_real_job_whose_parser_accepts_the_flags(where, modul
 
 # --- KubeRay ----------------------------------------------------------------------------------
 
-def test_kuberay_folder_holds_one_raycluster_and_two_rayjobs():
+def test_kuberay_folder_holds_one_raycluster_and_three_rayjobs():
     kinds = {}
     for path in KUBERAY:
         for doc in _docs(path):
@@ -168,7 +169,7 @@ def test_kuberay_folder_holds_one_raycluster_and_two_rayjobs():
             if doc["kind"] in ("RayCluster", "RayJob"):
                 assert doc["apiVersion"] == "ray.io/v1", path.name
     assert kinds.get("RayCluster") == ["raycluster.yaml"]
-    assert sorted(kinds.get("RayJob", [])) == ["rayjob-infer.yaml", "rayjob-train.yaml"]
+    assert sorted(kinds.get("RayJob", [])) == ["rayjob-infer.yaml", "rayjob-train-spot.yaml", "rayjob-train.yaml"]
 
 
 def _crd_versions() -> list[str]:
@@ -365,8 +366,13 @@ def test_autoscaling_bounds_hold_the_workers_the_jobs_ask_for():
             continue
         for module, argv in _invocations(obj["spec"]["entrypoint"]):
             assert "--use-gpu" in argv, name
-            if module == "jobs.train":  # synchronous SGD: every worker's GPU from the start
-                assert gpu["replicas"] * per_pod >= int(_flag(argv, "--num-workers")), name
+            if module == "jobs.train":  # synchronous SGD: MIN workers' GPUs from the start, room for MAX
+                low, _, high = _flag(argv, "--num-workers").partition(":")
+                assert gpu["replicas"] * per_pod >= int(low), name
+                assert gpu["maxReplicas"] * per_pod >= int(high or low), name
+                if high:  # elastic: the group never autoscales below MIN, and its pods are spot
+                    assert gpu["minReplicas"] * per_pod >= int(low), name
+                    assert "SPOT" in json.dumps(gpu["template"]["spec"].get("nodeSelector", {})).upper(), name
             if module == "jobs.infer":
                 assert gpu["maxReplicas"] * per_pod >= int(_flag(argv, "--max-actors")), name
                 assert gpu["minReplicas"] * per_pod >= int(_flag(argv, "--min-actors")), name
