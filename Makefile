@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` (the main job end to end) and `make test`.
 # Both create .venv when missing (scripts/ensure_venv.sh) and install the project into it.
-# `make test-fast`: the unit tests alone (no Ray, no job end to end), for the edit-test loop.
+# `make test` lints (ruff, rules in pyproject.toml) before the tests; `make test-fast`: the unit
+# tests alone (no Ray, no job end to end), for the edit-test loop.
 PY := .venv/bin/python
 OUT ?= out/demo
 
@@ -13,6 +14,7 @@ demo: venv
 	$(PY) -m jobs.demo --output $(OUT)
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: venv
