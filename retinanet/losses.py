@@ -21,7 +21,8 @@ from retinanet.matching import IGNORE, match_anchors
 from retinanet.ohem import ohem_selection
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """In a process group of two or more (the losses' collectives and the training engine's)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -50,7 +51,7 @@ def positives_normalizer(num_pos: torch.Tensor) -> torch.Tensor:
     makes the step equal to (sum over all workers) / (positives in the global batch).
     """
     num_pos = num_pos.detach().float()
-    if _distributed():
+    if is_distributed():
         num_pos = num_pos.clone()
         dist.all_reduce(num_pos)
         num_pos = num_pos / dist.get_world_size()
@@ -140,7 +141,7 @@ def detection_losses(head_outputs: dict, anchors: torch.Tensor, targets: dict, c
         pos_labels = gt_labels[positive]
         if class_counts is not None:
             update = torch.bincount(pos_labels, minlength=cfg.num_classes).to(class_counts)
-            if _distributed():
+            if is_distributed():
                 dist.all_reduce(update)
             class_counts += update
         counts = class_counts if class_counts is not None else torch.ones(cfg.num_classes, device=cls_logits.device)

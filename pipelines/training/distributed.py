@@ -10,9 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from retinanet.losses import is_distributed
 
 
 def broadcast_object(value, src: int = 0):
