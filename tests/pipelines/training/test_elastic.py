@@ -90,8 +90,11 @@ def test_resumed_epoch_at_another_world_size_trains_the_images_it_had_left(resiz
     metrics = _metrics(output)
     assert {"event": "resumed", "step": 2, "epoch": 0, "epoch_images_done": 16} in metrics
     resized = [m for m in metrics if m.get("event") == "resized"]
+    assert len(resized) == 1 and resized[0].pop("seconds_since_checkpoint") > 0
     assert resized == [{"event": "resized", "step": 2, "workers_before": 2, "workers_after": 1, "accumulation": 2}]
     assert [m["step"] for m in metrics if "loss" in m][-1] == 3
+    _, payload = retinanet.load_checkpoint(storage.read_bytes(f"{output}/model.pt"))
+    assert (payload["workers"], payload["resizes"]) == (1, 1)
 
 
 def test_global_batch_must_divide_at_every_world_size(synth_coco, tmp_path, capsys):
