@@ -115,8 +115,11 @@ def test_evaluate(tmp_path):
 
 def test_ablation(tmp_path):
     script("ablation.py", "--steps", 2, "--warmup", 1, "--batch-size", 2, "--num-train", 4, "--num-val", 2,
-           "--seeds", 0, "--rows", 3, "--out", tmp_path / "ablation.json")
+           "--seeds", 0, "--rows", 3, 0, "--num-classes", 12, "--canvas", 96, "--tile", 64,
+           "--out", tmp_path / "ablation.json")
     provenance_of(tmp_path / "ablation.json")
+    report = script("ablation_report.py", tmp_path / "ablation.json", "--plots", tmp_path / "ablation").stdout
+    assert "| FL gamma 2, alpha .25 | 1 |" in report and (tmp_path / "ablation-gamma.png").is_file()
 
 
 def test_longtail(tmp_path):
